@@ -1,0 +1,19 @@
+"""Datasets (image folders, MedMNIST ``.npz``, MedMNIST downloads, sklearn digits) and transforms.
+
+    ds = load_dataset("../shared/datasets/bloodmnist.npz", split="train")   # ImageDataset
+    mean, std = compute_channel_stats(ds)
+    train = TransformedDataset(ds, build_transform("pretrain", 28, mean, std))
+"""
+
+from .sources import DataError, ImageDataset, load_dataset, read_image
+from .transforms import TransformedDataset, build_transform, compute_channel_stats
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "TransformedDataset",
+    "build_transform",
+    "compute_channel_stats",
+    "load_dataset",
+    "read_image",
+]

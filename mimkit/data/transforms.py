@@ -1,0 +1,165 @@
+"""Per-channel statistics and the MAE pretraining / evaluation transforms, for any channel count.
+
+All transforms take a float tensor ``[C, H, W]`` (as returned by :class:`ImageDataset`) and
+return ``[C, img_size, img_size]`` normalised with the dataset's own mean and std. The
+torchvision v2 functional ops used here work on float tensors with any ``C`` (1, 3, 7, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from .sources import ImageDataset
+
+_INTERPOLATION = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def compute_channel_stats(ds, max_images: int = 10000,
+                          seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixels, in [0, 1] units.
+
+    Uses a random subset of at most ``max_images`` images (``np.random.default_rng(seed)``,
+    so the result is reproducible). Sums and sums of squares are accumulated in float64 over
+    chunks of images (vectorised; no Python loop over pixels). std is the population std,
+    floored at 1e-6 so that normalising a constant channel does not divide by zero.
+
+    Args:
+        ds: an :class:`ImageDataset` (fast path on its stored arrays) or any dataset whose
+            items are ``(image [C, H, W], label)``.
+    Returns:
+        (mean, std): two lists of ``C`` floats.
+    """
+    n = len(ds)
+    if n == 0:
+        raise ValueError("cannot compute channel statistics of an empty dataset")
+    if n > max_images:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
+    else:
+        idx = np.arange(n)
+
+    total = count = total_sq = 0
+    if isinstance(ds, ImageDataset) and isinstance(ds._images, np.ndarray):
+        scale = ds._scale
+        h, w = ds.image_size
+        chunk = max(1, (1 << 22) // (h * w * ds.num_channels))  # ~32 MiB of float64 per chunk
+        for start in range(0, len(idx), chunk):
+            x = ds._images[idx[start:start + chunk]].astype(np.float64)  # [B, H, W, C]
+            x /= scale
+            x = x.reshape(-1, x.shape[-1])
+            total = total + x.sum(0)
+            total_sq = total_sq + np.square(x).sum(0)
+            count += x.shape[0]
+    else:  # images of different sizes, or a generic dataset: one image at a time
+        for i in idx:
+            img = ds[int(i)][0]
+            x = (img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img))
+            x = x.astype(np.float64).reshape(x.shape[0], -1)  # [C, H*W]
+            total = total + x.sum(1)
+            total_sq = total_sq + np.square(x).sum(1)
+            count += x.shape[1]
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)  # clamp tiny negative round-off
+    std = np.maximum(np.sqrt(var), 1e-6)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+class _ChannelTransform:
+    """Callable ``[C, H, W]`` float -> ``[C, S, S]``: checks C, then runs the v2 pipeline(s)."""
+
+    def __init__(self, kind: str, img_size: int, mean, std, resize_crop, normalize):
+        self.kind, self.img_size = kind, img_size
+        self.mean, self.std = mean, std
+        self.resize_crop = resize_crop  # None for pretrain (crop is inside normalize pipeline)
+        self.normalize = normalize
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.ndim != 3 or img.shape[0] != len(self.mean):
+            raise ValueError(f"{self.kind} transform expects [C={len(self.mean)}, H, W] images "
+                             f"(one mean/std per channel) but got shape {tuple(img.shape)}")
+        if self.resize_crop is not None and tuple(img.shape[-2:]) != (self.img_size,) * 2:
+            img = self.resize_crop(img)
+        return self.normalize(img)
+
+    def __repr__(self) -> str:
+        parts = [repr(t) for t in (self.resize_crop, self.normalize) if t is not None]
+        return f"{self.kind}Transform(\n  " + "\n  ".join(parts) + "\n)"
+
+
+def build_transform(kind: str, img_size: int, mean: Sequence[float], std: Sequence[float], *,
+                    crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                    interpolation: str = "bicubic",
+                    eval_crop_pct: float = 0.875) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Transform ``float [C, H, W] -> float [C, img_size, img_size]``, normalised.
+
+    * ``"pretrain"`` (MAE recipe): RandomResizedCrop(img_size, scale=crop_scale,
+      antialias=True) -> RandomHorizontalFlip (if ``hflip``) -> Normalize(mean, std).
+    * ``"eval"`` (MAE eval protocol): an image already ``img_size x img_size`` is only
+      normalised (no crop: MedMNIST-sized data keeps every pixel); any other image is
+      Resize(int(img_size / eval_crop_pct)) on its short side -> CenterCrop(img_size) ->
+      Normalize. ``eval_crop_pct=1.0`` gives a plain resize of square images.
+
+    Bicubic interpolation can overshoot [0, 1] slightly; that is expected (official MAE too).
+    ``len(mean) == len(std)`` must equal the image channel count; the transform raises
+    ValueError on a mismatch. Unknown ``kind`` or ``interpolation`` -> ValueError.
+    """
+    if interpolation not in _INTERPOLATION:
+        raise ValueError(f"Unknown interpolation '{interpolation}': choose one of "
+                         f"{', '.join(_INTERPOLATION)}.")
+    mean = [float(m) for m in mean]
+    std = [float(s) for s in std]
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"mean and std need one value per channel, got {len(mean)} and "
+                         f"{len(std)}")
+    mode = _INTERPOLATION[interpolation]
+    norm = v2.Normalize(mean, std)
+    if kind == "pretrain":
+        steps = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=mode,
+                                      antialias=True)]
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        return _ChannelTransform(kind, img_size, mean, std, None, v2.Compose(steps + [norm]))
+    if kind == "eval":
+        if not 0 < eval_crop_pct <= 1:
+            raise ValueError(f"eval_crop_pct must be in (0, 1], got {eval_crop_pct}")
+        resize_crop = v2.Compose([
+            v2.Resize(int(img_size / eval_crop_pct), interpolation=mode, antialias=True),
+            v2.CenterCrop(img_size),
+        ])
+        return _ChannelTransform(kind, img_size, mean, std, resize_crop, norm)
+    raise ValueError(f"Unknown transform kind '{kind}': choose 'pretrain' or 'eval'.")
+
+
+class TransformedDataset(Dataset):
+    """``(transform(image), label)`` for each item of ``ds``.
+
+    Other attributes (``num_channels``, ``num_classes``, ``labels`` ...) are read through to
+    ``ds``, so code written for :class:`ImageDataset` keeps working.
+    """
+
+    def __init__(self, ds: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.ds = ds
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        img, label = self.ds[i]
+        return self.transform(img), label
+
+    def __getattr__(self, name: str):
+        # Only called for attributes not found normally. Guard "ds" itself: during unpickling
+        # (DataLoader workers) __dict__ is empty and self.ds would recurse forever.
+        if name == "ds" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)

@@ -1,0 +1,1 @@
+"""The single training loop shared by every method, with its schedules, checkpoints and DDP helpers."""

@@ -1,0 +1,192 @@
+"""ViT encoder built from timm layers, with the two masked forwards every MIM method needs.
+
+Parameter names equal timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.i.*``, ``norm``), so what mimkit saves loads in plain timm and
+official MAE encoder checkpoints load here without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Sequence
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mimkit.models.pos_embed import sincos_2d
+
+
+@dataclass
+class EncoderOutput:
+    """What :meth:`MaskedViT.encode` returns.
+
+    tokens:     [N, 1+T, D] after the final LayerNorm; T = K visible tokens (``ids_keep``) or
+                L (all patches, boolean-mask path or no mask). Index 0 is [CLS].
+    blocks:     {block index: [N, 1+T, D] output of that block, before the final norm}.
+    attentions: {block index: [N, heads, 1+T, 1+T] softmax attention of that block}.
+    """
+
+    tokens: torch.Tensor
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention [N, heads, T, T] of a timm ``Attention`` module on normalised input x [N, T, D].
+
+    Recomputed from the module's own qkv weights so the block itself keeps its fused
+    (scaled_dot_product_attention) path; only requested blocks pay for this.
+    """
+    n, t, _ = x.shape
+    qkv = attn.qkv(x).reshape(n, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _resolve_indices(request: bool | Sequence[int] | None, depth: int) -> set[int]:
+    if request is None or request is False:
+        return set()
+    if request is True:
+        return set(range(depth))
+    return {i % depth for i in request}  # negative indices count from the last block
+
+
+class MaskedViT(nn.Module):
+    """Pre-norm ViT (methods.md §0.1) with a visible-token path and a boolean-mask path.
+
+    Args:
+        img_size, patch_size, in_chans: input geometry; any channel count.
+        embed_dim, depth, num_heads, mlp_ratio: transformer size.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        use_mask_token: add a learned ``masked_embed`` [1, 1, D] that replaces masked patch
+            embeddings on the boolean-mask path (SimMIM / iBOT family).
+        learnable_pos_embed: the fixed sin-cos table becomes a trainable parameter (fine-tuning).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = False,
+        learnable_pos_embed: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(
+            sincos_2d(embed_dim, self.grid_size, cls_token=True), requires_grad=learnable_pos_embed
+        )
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.masked_embed = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        self._init_encoder_weights()
+
+    # -- initialisation (official MAE) ---------------------------------------------------------
+    def _init_encoder_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # conv initialised like a Linear
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.masked_embed is not None:
+            nn.init.normal_(self.masked_embed, std=0.02)
+        self.blocks.apply(init_linear_and_norm)
+        self.norm.apply(init_linear_and_norm)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that never get weight decay (timm convention)."""
+        return {"pos_embed", "cls_token", "masked_embed"}
+
+    # -- forward -------------------------------------------------------------------------------
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> patch tokens with position embedding [N, L, D] (no [CLS])."""
+        if images.shape[1] != self.in_chans:
+            raise ValueError(f"model expects {self.in_chans} input channels, got {images.shape[1]}")
+        return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        *,
+        ids_keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_blocks: bool | Sequence[int] | None = None,
+        return_attention: bool | Sequence[int] | None = None,
+    ) -> EncoderOutput:
+        """Encode images, optionally masked.
+
+        images:   [N, C, H, W].
+        ids_keep: [N, K] long; only these patches are computed (MAE family, static shapes).
+        mask:     [N, L] bool/0-1; masked patches are replaced by ``masked_embed`` (SimMIM/iBOT).
+        return_blocks / return_attention: True for all blocks or a list of block indices.
+        """
+        x = self.embed_patches(images)
+        if ids_keep is not None and mask is not None:
+            raise ValueError("pass either ids_keep or mask, not both")
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        elif mask is not None:
+            if self.masked_embed is None:
+                raise ValueError("this encoder was built without a mask token; create it with use_mask_token=True")
+            # The mask token replaces the patch embedding, then gets the position embedding back.
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + (self.masked_embed + self.pos_embed[:, 1:, :]) * w
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+
+        want_blocks = _resolve_indices(return_blocks, self.depth)
+        want_attn = _resolve_indices(return_attention, self.depth)
+        out = EncoderOutput(tokens=x)
+        for i, blk in enumerate(self.blocks):
+            if i in want_attn:
+                out.attentions[i] = attention_probs(blk.attn, blk.norm1(x))
+            x = blk(x)
+            if i in want_blocks:
+                out.blocks[i] = x
+        out.tokens = self.norm(x)
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unmasked features [N, 1+L, D] after the final norm."""
+        return self.encode(images).tokens
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """Official MAE init: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def pool_features(tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """[N, 1+T, D] -> [N, D]: the [CLS] token ("cls") or the mean of patch tokens ("mean")."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"unknown pooling {pool!r}: use 'cls' or 'mean'")
+
+
+__all__ = ["MaskedViT", "EncoderOutput", "attention_probs", "init_linear_and_norm", "pool_features"]
