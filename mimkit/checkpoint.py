@@ -119,3 +119,40 @@ def build_from_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple
     load_state_dict_checked(model, extract_state_dict(obj), f"Checkpoint {path}")
     model.eval()
     return model, obj
+
+
+def load_encoder(
+    path: str | Path, model_name: str | None = None, allow_pickle: bool = False, **overrides: Any
+) -> tuple[nn.Module, dict[str, list[float]] | None]:
+    """The encoder (a MaskedViT, eval mode) of a checkpoint, and its data statistics if recorded.
+
+    mimkit checkpoints rebuild their own model. Other files (official MAE ``mae_pretrain_vit_*.pth``
+    encoder-only or full, bare timm ViT state dicts) need ``model_name`` (e.g. ``mae_vit_base_patch16``);
+    an encoder-only file loads into the encoder part and may omit the decoder.
+    """
+    from mimkit.registry import create_model
+
+    obj = load_file(path, allow_pickle)
+    if obj.get("format") == "mimkit" and "model_config" in obj:
+        model, _ = build_from_checkpoint(path, allow_pickle)
+        return model.encoder.eval(), obj.get("data_stats")
+    if model_name is None:
+        raise CheckpointError(
+            f"Checkpoint {path} is not a mimkit checkpoint, so its architecture is unknown: pass --model NAME "
+            f"(e.g. --model mae_vit_base_patch16)."
+        )
+    model = create_model(model_name, **overrides)
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    encoder_only = not any(k.startswith("decoder_") for k in state)
+    decoder_keys = {k for k in own if k.startswith("decoder_") or k == "mask_token"}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}  # classifier of fine-tuned files
+    load_state_dict_checked(model, state, f"Checkpoint {path}", strict=False)
+    missing = [k for k in own if k not in state and not (encoder_only and k in decoder_keys)]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {path} lacks {len(missing)} encoder weights of {model_name} (e.g. {', '.join(missing[:3])}): "
+            f"check the model name."
+        )
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    return encoder.eval(), None

@@ -112,6 +112,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" as a string; accept plain numbers written that way
+            return tp(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}.")
     if tp in (int, float) and isinstance(value, bool):

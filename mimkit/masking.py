@@ -80,7 +80,7 @@ def random_masking(
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def hash32(x: torch.Tensor) -> torch.Tensor:
     """Bijective 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values < 2**32.
 
     int64 products may wrap past 2**63; the low 32 bits stay exact, which is all we keep.
@@ -102,6 +102,7 @@ def sample_uniform(sample_seeds: torch.Tensor, count: int, stream: int = 0) -> t
     """
     seeds = sample_seeds.to(torch.int64)
     counters = torch.arange(count, device=seeds.device, dtype=torch.int64)
-    key = _hash32(_hash32(seeds ^ (seeds >> 32)) ^ _hash32(torch.full_like(seeds, stream + 0x9E3779B9)))
-    bits = _hash32(key[:, None] ^ _hash32(counters[None, :] + 0x632BE5AB))
+    key = hash32(hash32(seeds & _MASK32) + 0x9E3779B9 * (stream + 1) ^ hash32((seeds >> 32) & _MASK32))
+    # Two rounds over (key, counter) so neighbouring counters and keys decorrelate.
+    bits = hash32(hash32(key[:, None] + counters[None, :] * 0x9E3779B9) ^ key[:, None])
     return (bits >> 8).to(torch.float32) / float(1 << 24)

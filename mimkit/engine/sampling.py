@@ -14,10 +14,22 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mimkit.masking import hash32
+
 
 def sample_seed(run_seed: int, epoch: int, index: int) -> int:
-    """64-bit seed: 16 bits run seed, 16 bits epoch, 32 bits dataset index (unique within a run)."""
-    return ((run_seed & 0xFFFF) << 48) | ((epoch & 0xFFFF) << 32) | (index & 0xFFFFFFFF)
+    """63-bit seed: 15 bits run seed, 16 bits epoch, 32 bits dataset index (unique within a run)."""
+    return ((run_seed & 0x7FFF) << 48) | ((epoch & 0xFFFF) << 32) | (index & 0xFFFFFFFF)
+
+
+def generator_seed(seed: int) -> int:
+    """Fold a 63-bit sample seed into 32 bits for ``torch.manual_seed``.
+
+    PyTorch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so passing
+    ``sample_seed`` directly would drop the epoch and give every epoch the same augmentation.
+    """
+    t = torch.tensor([seed], dtype=torch.int64)
+    return int(hash32(hash32(t & 0xFFFFFFFF) ^ (t >> 32))[0])
 
 
 class SeededSampler(Sampler):
@@ -66,6 +78,6 @@ class SeededTransformDataset(Dataset):
         index, seed = item
         image, label = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(generator_seed(seed))
             image = self.transform(image)
         return image, label, seed

@@ -24,7 +24,7 @@ from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_che
 from mimkit.config import Config, dump_config
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from mimkit.engine.optim import build_adamw
-from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, sample_seed
+from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, generator_seed, sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.errors import ConfigError, TrainingError
 from mimkit.registry import create_model, resolve_model_kwargs
@@ -204,7 +204,7 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
         sampler.set_epoch(epoch)
         # Reseeding per epoch makes any randomness outside the per-sample seeds (dropout,
         # drop-path) identical after a resume.
-        torch.manual_seed(sample_seed(t_cfg.seed, epoch, 0) + di.rank)
+        torch.manual_seed(generator_seed(sample_seed(t_cfg.seed, epoch, di.rank)))
         step_model.train()
         bar = _progress(iters_per_epoch, di.is_main and t_cfg.progress, f"epoch {epoch + 1}/{t_cfg.epochs}")
         sums: dict[str, torch.Tensor] = {}

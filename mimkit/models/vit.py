@@ -92,7 +92,7 @@ class MaskedViT(nn.Module):
             sincos_2d(embed_dim, self.grid_size, cls_token=True), requires_grad=learnable_pos_embed
         )
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
             for i in range(depth)

@@ -1,0 +1,1 @@
+"""Figures: reconstructions now; masks, attention and rollout maps join here."""

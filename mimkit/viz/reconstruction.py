@@ -1,0 +1,90 @@
+"""The MAE four-panel figure: original, masked, reconstruction, reconstruction + visible.
+
+Predictions of a norm-pix model are per-patch normalised; they are mapped back to image space
+with the mean and variance of each *original* patch (the only sensible de-normalisation, and
+what the official demo does implicitly for its un-normalised visualisation models). Then the
+dataset normalisation is undone for display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mimkit.methods.mae import MAE
+from mimkit.models.patches import patchify, unpatchify
+
+
+@torch.no_grad()
+def reconstruction_panels(model: MAE, images: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """images [N, C, H, W] (dataset-normalised) -> four [N, C, H, W] tensors in the same normalised space."""
+    model.eval()
+    rec = model.reconstruct(images, noise=noise)
+    pred = rec.pred.float()
+    if model.norm_pix_loss:
+        target = patchify(images, model.patch_size)
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    recon = unpatchify(pred, model.patch_size, model.grid_size, model.in_chans)
+    pixel_mask = unpatchify(
+        rec.mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans),
+        model.patch_size, model.grid_size, model.in_chans,
+    )
+    return {
+        "original": images,
+        "masked": images * (1 - pixel_mask),
+        "reconstruction": recon,
+        "reconstruction + visible": images * (1 - pixel_mask) + recon * pixel_mask,
+        "mask": pixel_mask,
+    }
+
+
+def _to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    """[C, H, W] normalised -> HxW or HxWx3 array in [0, 1] (first three channels of N-channel data)."""
+    m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype)[:, None, None]
+    img = (x * s + m).clamp(0, 1)
+    if img.shape[0] == 1:
+        return img[0].numpy()
+    if img.shape[0] == 2:
+        img = torch.cat([img, torch.zeros_like(img[:1])])
+    return img[:3].permute(1, 2, 0).numpy()
+
+
+def save_reconstruction_figure(
+    panels: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], path: str | Path, title: str = ""
+) -> Path:
+    """Write a PNG grid: one row per image, four columns. Masked pixels show as grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["original", "masked", "reconstruction", "reconstruction + visible"]
+    n = panels["original"].shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
+    for row in range(n):
+        for col, name in enumerate(names):
+            img = _to_display(panels[name][row].cpu(), mean, std)
+            if name == "masked":
+                keep = 1 - panels["mask"][row, 0].cpu().numpy()
+                img = img * (keep[..., None] if img.ndim == 3 else keep) + 0.5 * (1 - (keep[..., None] if img.ndim == 3 else keep))
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
