@@ -73,8 +73,6 @@ def cmd_visualize(args) -> int:
     from mimkit.methods.mae import MAE
     from mimkit.viz.reconstruction import reconstruction_panels, save_reconstruction_figure
 
-    if args.what != "reconstruction":
-        raise MimkitError(f"--what {args.what} is not available yet: use --what reconstruction.")
     if args.model:
         from mimkit.checkpoint import extract_state_dict, load_state_dict_checked
         from mimkit.registry import create_model
@@ -143,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="figures from a checkpoint (reconstruction)")
     _add_checkpoint_args(p)
-    p.add_argument("--what", default="reconstruction", choices=["reconstruction", "masks", "attention", "rollout"])
+    p.add_argument("--what", default="reconstruction", choices=["reconstruction"],
+                   help="figure to draw (masks, attention and rollout arrive with DAMA and iBOT)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--split", default="test")
     p.add_argument("--num-images", type=int, default=6)

@@ -32,7 +32,7 @@ _SIZES = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 _OFFICIAL_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-_SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+_SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=2)  # 64-d heads, as the encoder
 
 PRESETS: dict[str, Preset] = {}
 for _size, _dims in _SIZES.items():

@@ -130,7 +130,7 @@ def test_loss_equals_official_algorithm(norm_pix):
     images = torch.randn(4, 3, 28, 28)
     noise = torch.rand(4, 49)
     rec = model.reconstruct(images, noise=noise)
-    ref, ref_mask = reference_mae_loss(model.state_dict(), images, noise, p=4, heads=3, dec_heads=4, depth=2,
+    ref, ref_mask = reference_mae_loss(model.state_dict(), images, noise, p=4, heads=3, dec_heads=2, depth=2,
                                        dec_depth=2, ratio=0.75, norm_pix=norm_pix)
     assert torch.equal(rec.mask, ref_mask)
     assert torch.allclose(rec.loss, ref, rtol=1e-5, atol=1e-6)
