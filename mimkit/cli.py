@@ -65,13 +65,11 @@ def cmd_knn(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    import torch
-
     from mimkit.checkpoint import build_from_checkpoint, load_file
-    from mimkit.data import TransformedDataset, build_transform, compute_channel_stats, load_dataset
+    from mimkit.data import compute_channel_stats, load_dataset
     from mimkit.errors import CheckpointError
     from mimkit.methods.mae import MAE
-    from mimkit.viz.reconstruction import reconstruction_panels, save_reconstruction_figure
+    from mimkit.viz.reconstruction import draw_reconstructions
 
     if args.model:
         from mimkit.checkpoint import extract_state_dict, load_state_dict_checked
@@ -90,15 +88,9 @@ def cmd_visualize(args) -> int:
     if stats is None:
         mean, std = compute_channel_stats(dataset)
         stats = {"mean": mean, "std": std}
-    transform = build_transform("eval", model.img_size, stats["mean"], stats["std"])
-    ds = TransformedDataset(dataset, transform)
-    g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(ds), generator=g)[: args.num_images].tolist()
-    images = torch.stack([ds[i][0] for i in idx])
-    noise = torch.rand(images.shape[0], model.num_patches, generator=g)
-    panels = reconstruction_panels(model, images, noise)
     title = f"{Path(args.checkpoint).name}: mask ratio {model.mask_ratio}"
-    out = save_reconstruction_figure(panels, stats["mean"], stats["std"], args.out, title)
+    out = draw_reconstructions(model, dataset, stats["mean"], stats["std"], args.out,
+                               num_images=args.num_images, seed=args.seed, title=title)
     print(f"wrote {out}")
     return 0
 

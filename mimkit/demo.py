@@ -18,11 +18,11 @@ from mimkit.config import load_config
 
 def run_demo(out: str | Path = "runs/demo", data: str = "digits", epochs: int | None = None) -> dict:
     from mimkit.checkpoint import build_from_checkpoint
-    from mimkit.data import TransformedDataset, build_transform, load_dataset
+    from mimkit.data import load_dataset
     from mimkit.engine.trainer import pretrain
     from mimkit.eval.knn import evaluate_encoder_knn
     from mimkit.registry import create_model
-    from mimkit.viz.reconstruction import reconstruction_panels, save_reconstruction_figure
+    from mimkit.viz.reconstruction import draw_reconstructions
 
     out = Path(out)
     epochs = epochs or (30 if data == "digits" else 5)
@@ -48,12 +48,8 @@ def run_demo(out: str | Path = "runs/demo", data: str = "digits", epochs: int | 
         result = evaluate_encoder_knn(encoder, data, stats, k=(20,), temperature=0.07)
         knn[name] = result["accuracy"]["20"]["top1"]
 
-    test = TransformedDataset(load_dataset(data, "test"), build_transform("eval", model.img_size, stats["mean"], stats["std"]))
-    g = torch.Generator().manual_seed(2)
-    images = torch.stack([test[i][0] for i in torch.randperm(len(test), generator=g)[:6].tolist()])
-    panels = reconstruction_panels(model, images, torch.rand(images.shape[0], model.num_patches, generator=g))
-    figure = save_reconstruction_figure(panels, stats["mean"], stats["std"], out / "reconstruction.png",
-                                        f"MAE ViT-Ti/4 after {epochs} epochs on {data}")
+    figure = draw_reconstructions(model, load_dataset(data, "test"), stats["mean"], stats["std"],
+                                  out / "reconstruction.png", title=f"MAE ViT-Ti/4 after {epochs} epochs on {data}")
     report = {"data": data, "epochs": epochs, "pretrain_time_s": round(train_time, 1),
               "knn_top1_k20_untrained": knn["untrained"], "knn_top1_k20_pretrained": knn["pretrained"],
               "final_loss": summary.get("final_loss"), "figure": str(figure)}

@@ -88,3 +88,18 @@ def save_reconstruction_figure(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def draw_reconstructions(
+    model: MAE, dataset, mean: Sequence[float], std: Sequence[float], path: str | Path,
+    *, num_images: int = 6, seed: int = 2, title: str = "",
+) -> Path:
+    """Pick ``num_images`` images of an ImageDataset (seeded), mask them at random and write the figure."""
+    from mimkit.data import build_transform
+
+    transform = build_transform("eval", model.img_size, mean, std)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:num_images].tolist()
+    images = torch.stack([transform(dataset[i][0]) for i in idx])
+    noise = torch.rand(images.shape[0], model.num_patches, generator=g)
+    return save_reconstruction_figure(reconstruction_panels(model, images, noise), mean, std, path, title)
