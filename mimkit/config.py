@@ -54,6 +54,7 @@ class TrainConfig:
     lr: Optional[float] = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: Optional[float] = None  # cosine schedule weight_decay -> this over the run (DINO/iBOT)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = None  # max gradient norm; null = no clipping (official MAE)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a gradient scaler)

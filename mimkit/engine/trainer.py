@@ -63,6 +63,26 @@ def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float
     return dataset, model_config, stats
 
 
+def _pretrain_transform(model: nn.Module, cfg: Config, img_size: int, stats: dict[str, list[float]]):
+    """The method's own augmentation (e.g. multi-crop) if it defines one, else the MAE recipe."""
+    if hasattr(model, "pretrain_transform"):
+        return model.pretrain_transform(img_size, stats["mean"], stats["std"], cfg.data)
+    from mimkit.data import build_transform
+
+    return build_transform(
+        "pretrain", img_size, stats["mean"], stats["std"],
+        crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation,
+    )
+
+
+def _weight_decay_at(t_cfg, epoch: float) -> float:
+    """Constant ``weight_decay``, or a cosine from it to ``weight_decay_end`` (DINO/iBOT) over the run."""
+    if t_cfg.weight_decay_end is None:
+        return t_cfg.weight_decay
+    progress = min(1.0, epoch / max(t_cfg.epochs, 1e-9))
+    return t_cfg.weight_decay_end + (t_cfg.weight_decay - t_cfg.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -130,12 +150,9 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
     dataset, model_config, stats = prepare_data(cfg)
     model_kwargs = resolve_model_kwargs(**model_config)
 
-    from mimkit.data import build_transform
-
-    transform = build_transform(
-        "pretrain", model_kwargs["img_size"], stats["mean"], stats["std"],
-        crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation,
-    )
+    torch.manual_seed(t_cfg.seed)
+    model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)
+    transform = _pretrain_transform(model, cfg, model_kwargs["img_size"], stats)
     sampler = SeededSampler(len(dataset), t_cfg.seed, di.rank, di.world_size)
     loader = DataLoader(
         SeededTransformDataset(dataset, transform), batch_size=t_cfg.batch_size, sampler=sampler,
@@ -149,8 +166,6 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
             f"{t_cfg.accum_iter} x {di.world_size} processes: lower train.batch_size."
         )
 
-    torch.manual_seed(t_cfg.seed)
-    model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)
     effective_batch = t_cfg.batch_size * t_cfg.accum_iter * di.world_size
     base_lr = t_cfg.lr if t_cfg.lr is not None else scaled_lr(t_cfg.blr, effective_batch)
     optimizer = build_adamw(model, base_lr, t_cfg.weight_decay, tuple(t_cfg.betas))
@@ -217,9 +232,15 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
                 break
             if it % t_cfg.accum_iter == 0:
                 lr = warmup_cosine(epoch + it / iters_per_epoch, base_lr, t_cfg.min_lr, t_cfg.warmup_epochs, t_cfg.epochs)
+                wd = _weight_decay_at(t_cfg, epoch + it / iters_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-            images = images.to(device, non_blocking=True)
+                    if group["weight_decay"] > 0:
+                        group["weight_decay"] = wd
+            if hasattr(method, "set_epoch"):
+                method.set_epoch(epoch + it / iters_per_epoch)
+            images = ([x.to(device, non_blocking=True) for x in images] if isinstance(images, (list, tuple))
+                      else images.to(device, non_blocking=True))
             boundary = (it + 1) % t_cfg.accum_iter == 0
             sync = contextlib.nullcontext() if boundary or not di.enabled else step_model.no_sync()
             with sync:
@@ -230,6 +251,8 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
                 if t_cfg.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
+                if hasattr(method, "before_optimizer_step"):
+                    method.before_optimizer_step(epoch + (it + 1) / iters_per_epoch)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
