@@ -40,6 +40,12 @@ class DataConfig:
     hflip: bool = True
     interpolation: str = "bicubic"
     num_workers: int = 0  # 0 = load in the training process (best for in-memory data on few cores)
+    # Evaluation (finetune / linprobe / knn): splits and label fractions of the labelled train split.
+    val_split: Optional[str] = "val"  # picks best.pt; null (or a dataset without it) = no validation
+    test_split: str = "test"
+    labels_per_class: Optional[int] = None  # keep N labelled images per class (stratified, seeded)
+    label_fraction: Optional[float] = None  # keep this fraction of each class (at least 1 image per class)
+    label_seed: int = 0  # seed of the label-fraction draw (independent of train.seed)
 
 
 @dataclass
@@ -56,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     weight_decay_end: Optional[float] = None  # cosine schedule weight_decay -> this over the run (DINO/iBOT)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    optimizer: str = "adamw"  # adamw | lars (MAE linear probe) | sgd (DINO linear probe)
+    momentum: float = 0.9  # lars / sgd
     clip_grad: Optional[float] = None  # max gradient norm; null = no clipping (official MAE)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a gradient scaler)
     compile: bool = False  # torch.compile the model
@@ -68,18 +76,64 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (MAE recipe, methods.md §2.4); ignored by pretraining."""
+
+    init: str = "pretrained"  # pretrained | random (same architecture, no weights: the baseline)
+    encoder: Optional[str] = None  # which encoder of the checkpoint (DAMA: student1/student2; iBOT: teacher)
+    global_pool: bool = True  # mean of patch tokens + new fc_norm (MAE default); false = [CLS] after norm
+    img_size: Optional[int] = None  # fine-tune at another size (position table interpolated); null = checkpoint's
+    drop_path: float = 0.1
+    layer_decay: float = 0.75
+    head_init_std: float = 2e-5
+    smoothing: float = 0.1
+    mixup: float = 0.0  # mixup alpha (MAE ImageNet: 0.8); 0 with cutmix 0 = off
+    cutmix: float = 0.0  # cutmix alpha (MAE ImageNet: 1.0)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = off (1/3-channel data only)
+    reprob: float = 0.25  # RandomErasing probability (mode pixel, count 1)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    eval_batch_size: int = 256
+    eval_every: int = 1  # epochs between validation passes (always after the last epoch)
+
+
+@dataclass
+class LinprobeConfig:
+    """Frozen-encoder linear classifier: MAE protocol (BN + linear, LARS) or DINO (last-n [CLS], SGD)."""
+
+    protocol: str = "mae"  # mae | dino
+    encoder: Optional[str] = None
+    init: str = "pretrained"  # pretrained | random (frozen random encoder: the baseline)
+    n_last_blocks: int = 4  # dino: concatenated [CLS] of the last n blocks (after the final norm)
+    avgpool: bool = False  # dino: also append the mean patch token of the last block
+    pool: str = "cls"  # mae: cls | mean
+    cache_features: bool = True  # extract features once (no augmentation); false = frozen encoder + RRC/flip
+    cache_dir: Optional[str] = None  # also keep the extracted features here, shared by runs (lr sweeps)
+    eval_every: int = 1
+    head_init_std: float = 0.01
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "mae_vit_tiny_patch4"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig}
 _CHOICES = {
+    ("train", "optimizer"): ("adamw", "lars", "sgd"),
+    ("finetune", "init"): ("pretrained", "random"),
+    ("linprobe", "init"): ("pretrained", "random"),
+    ("linprobe", "protocol"): ("mae", "dino"),
+    ("linprobe", "pool"): ("cls", "mean"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest"),
 }
@@ -193,6 +247,20 @@ def validate(cfg: Config) -> Config:
     for key in ("mean", "std"):
         if getattr(cfg.data, key) is not None and (cfg.data.mean is None) != (cfg.data.std is None):
             raise ConfigError("data.mean and data.std must be given together (or both left null).")
+    d = cfg.data
+    if d.labels_per_class is not None and d.label_fraction is not None:
+        raise ConfigError("Set data.labels_per_class or data.label_fraction, not both.")
+    if d.labels_per_class is not None and d.labels_per_class < 1:
+        raise ConfigError(f"data.labels_per_class must be at least 1, got {d.labels_per_class}.")
+    if d.label_fraction is not None and not 0.0 < d.label_fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction must lie in (0, 1], got {d.label_fraction}.")
+    f = cfg.finetune
+    if len(f.crop_scale) != 2 or not 0 < f.crop_scale[0] <= f.crop_scale[1] <= 1:
+        raise ConfigError(f"finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {f.crop_scale}.")
+    if not 0.0 < f.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay must lie in (0, 1], got {f.layer_decay}.")
+    if cfg.linprobe.n_last_blocks < 1:
+        raise ConfigError(f"linprobe.n_last_blocks must be at least 1, got {cfg.linprobe.n_last_blocks}.")
     return cfg
 
 
@@ -248,8 +316,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults when path is None) and apply overrides."""
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: ``top`` wins, sections are merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (or start from defaults when path is None) and apply overrides.
+
+    ``defaults`` (a nested dict, e.g. the fine-tuning recipe) sits under the file and the overrides.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -259,6 +339,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file {p} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax.")
+    if defaults:
+        raw = _merge(defaults, raw)
     return from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -54,6 +54,45 @@ for _size in ("tiny", "small"):
     )
 
 
+# --- DAMA presets (mimkit/methods/dama.py) ---
+from mimkit.methods.dama import DAMA  # noqa: E402
+
+# The DAMA recipe (mask 0.8, overlap 0.5, last 6 blocks, norm-pix) is the class default.
+for _size in ("tiny", "small", "base"):
+    PRESETS[f"dama_vit_{_size}_patch16"] = Preset(
+        DAMA, dict(img_size=224, patch_size=16, **_SIZES[_size], **_OFFICIAL_DECODER),
+        f"DAMA, two ViT-{_size[0].upper()}/16 MAE students, decoder 512x8, 224 px",
+    )
+PRESETS["dama_vit_tiny_patch4"] = Preset(
+    DAMA, dict(img_size=28, patch_size=4, **_SIZES["tiny"], **_SMALL_DECODER),
+    "DAMA, two ViT-T/4 MAE students, decoder 128x4, 28 px (MedMNIST)",
+)
+
+# --- iBOT presets (mimkit/methods/ibot.py) ---
+from mimkit.methods.ibot import IBOT  # noqa: E402
+
+# The seed's recipe (methods.md §5.5): 2 global 224-px + 6 local 96-px crops, 8192-d shared head,
+# momentum 0.99 -> 1 over 100 epochs; the class defaults hold the rest.
+_IBOT_RECIPE = dict(img_size=224, patch_size=16, local_crop_size=96, num_local_crops=6, total_epochs=100)
+PRESETS["ibot_vit_small_patch16"] = Preset(
+    IBOT, dict(**_IBOT_RECIPE, **_SIZES["small"]), "iBOT ViT-S/16, block masks, 2x224 + 6x96 crops (seed recipe)"
+)
+PRESETS["ibot_multimask_vit_small_patch16"] = Preset(
+    IBOT, dict(**_IBOT_RECIPE, **_SIZES["small"], mask_strategy="attmask_high", mask_scores="raw", mask_layers=[11, 4]),
+    "iBOT ViT-S/16, AttMask-high from teacher blocks 11 / 4 per crop (the seed's multi-layer masks)",
+)
+PRESETS["ibot_vit_base_patch16"] = Preset(
+    IBOT, dict(**_IBOT_RECIPE, **_SIZES["base"]), "iBOT ViT-B/16, block masks, 2x224 + 6x96 crops"
+)
+# 28-px images: 7x7 global grid, 4 local 12-px crops (3x3), small head so a step stays cheap on a CPU.
+PRESETS["ibot_vit_tiny_patch4"] = Preset(
+    IBOT, dict(img_size=28, patch_size=4, **_SIZES["tiny"], local_crop_size=12, num_local_crops=4, out_dim=2048,
+               patch_out_dim=2048, head_hidden_dim=512, head_bottleneck_dim=128, global_crop_scale=[0.4, 1.0],
+               local_crop_scale=[0.1, 0.4]),
+    "iBOT ViT-T/4, 2x28 + 4x12-px crops, 2048-d head, 28 px (MedMNIST)",
+)
+
+
 def model_arguments(name: str) -> dict[str, inspect.Parameter]:
     """Constructor parameters that ``create_model(name, ...)`` accepts as overrides."""
     preset = get_preset(name)

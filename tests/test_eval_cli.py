@@ -121,3 +121,56 @@ def test_demo_runs_offline_and_reports_both_networks(tmp_path, capsys):
     assert 0 < report["knn_top1_k20_untrained"] <= 100 and 0 < report["knn_top1_k20_pretrained"] <= 100
     assert (tmp_path / "demo" / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
     assert "untrained network" in capsys.readouterr().out
+
+
+def test_knn_label_fraction_and_output_dir(tiny_checkpoint, tmp_path, capsys):
+    ckpt, data = tiny_checkpoint
+    assert main(["knn", "--checkpoint", str(ckpt), "--data", str(data), "--k", "5", "--pool", "mean",
+                 "--no-final-norm", "data.labels_per_class=7", f"output_dir={tmp_path}"]) == 0
+    text = capsys.readouterr().out
+    assert "14 of 546 images" in text and "14 train / 156 test" in text
+    result = json.loads((tmp_path / "knn_metrics.json").read_text())
+    assert result["labels_per_class"] == 7 and result["pool"] == "mean" and result["final_norm"] is False
+
+
+def _extract_in_two_processes(rank, world, port, out_dir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import torch.distributed as dist
+
+    from mimkit.eval.features import extract_features
+    from mimkit.models.vit import MaskedViT
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    enc = MaskedViT(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(11, 1, 8, 8, generator=g), torch.arange(11))
+    feats, labels = extract_features(enc, data, batch_size=4)
+    torch.save({"feats": feats, "labels": labels}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_features_are_all_gathered_in_dataset_order(tmp_path):
+    """Under DDP each rank encodes every other image; all ranks end with the single-process bank (odd size)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from mimkit.eval.features import extract_features
+    from mimkit.models.vit import MaskedViT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_extract_in_two_processes, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    enc = MaskedViT(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(11, 1, 8, 8, generator=g), torch.arange(11))
+    ref, ref_labels = extract_features(enc, data, batch_size=4)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["labels"], ref_labels)
+        assert torch.allclose(got["feats"], ref, atol=1e-5)

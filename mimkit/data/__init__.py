@@ -5,6 +5,7 @@
     train = TransformedDataset(ds, build_transform("pretrain", 28, mean, std))
 """
 
+from .fractions import apply_label_fraction, stratified_indices
 from .sources import DataError, ImageDataset, load_dataset, read_image
 from .transforms import TransformedDataset, build_transform, compute_channel_stats
 
@@ -12,8 +13,10 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "TransformedDataset",
+    "apply_label_fraction",
     "build_transform",
     "compute_channel_stats",
     "load_dataset",
     "read_image",
+    "stratified_indices",
 ]

@@ -31,3 +31,40 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_optimizer(model: nn.Module, t_cfg, lr: float) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer`` over the model's parameter groups.
+
+    Groups come from ``model.optimizer_param_groups(weight_decay)`` when the model defines it
+    (fine-tuning: timm layer-decay groups carrying ``lr_scale``), else :func:`param_groups`.
+
+    * ``adamw``: betas ``train.betas``.
+    * ``lars``: timm ``Lars`` with a real trust ratio (``always_adapt``: it is applied even with
+      weight decay 0, as in official MAE; the 2021 timm copy used by MAE-priv silently skipped it,
+      methods.md §0.8). As in official MAE, 1-D parameters (biases, norms) are not adapted and
+      get plain momentum SGD.
+    * ``sgd``: momentum SGD (DINO linear probe).
+    """
+    wd = t_cfg.weight_decay
+    groups = model.optimizer_param_groups(wd) if hasattr(model, "optimizer_param_groups") else param_groups(model, wd)
+    groups = [g for g in groups if g["params"]]
+    if t_cfg.optimizer == "adamw":
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(t_cfg.betas), fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(t_cfg.betas))
+    if t_cfg.optimizer == "lars":
+        from timm.optim import Lars
+
+        split = []
+        for g in groups:
+            multi = [p for p in g["params"] if p.ndim > 1]
+            single = [p for p in g["params"] if p.ndim <= 1]
+            extra = {k: v for k, v in g.items() if k not in ("params", "weight_decay")}
+            if multi:
+                split.append({**extra, "params": multi, "weight_decay": g["weight_decay"], "always_adapt": True})
+            if single:
+                split.append({**extra, "params": single, "weight_decay": 0.0, "always_adapt": False})
+        return Lars(split, lr=lr, momentum=t_cfg.momentum, trust_coeff=0.001)
+    return torch.optim.SGD(groups, lr=lr, momentum=t_cfg.momentum)

@@ -2,7 +2,14 @@
 
 It owns data order, the lr schedule, mixed precision, gradient accumulation and clipping,
 checkpoints and logs. A method only supplies ``forward(images, sample_seeds) -> StepOutput``
-(and optionally ``after_optimizer_step(epoch_float)``).
+(and optionally the hooks of :mod:`mimkit.methods.base`). Pretraining, fine-tuning and linear
+probing all run here; they differ only in the :class:`TrainingSetup` they hand over:
+
+* a model with ``uses_labels = True`` is called as ``forward(images, sample_seeds, labels=...)``;
+* a model may supply ``optimizer_param_groups(weight_decay)`` (e.g. layer-decay groups with
+  ``lr_scale``, which the schedule honours);
+* ``evaluate(model, epoch) -> {"score": ..., ...}`` runs after each epoch; the best score is kept as
+  ``best.pt`` beside ``last.pt``.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,7 +31,7 @@ import mimkit
 from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_checked, save_atomic
 from mimkit.config import Config, dump_config
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from mimkit.engine.optim import build_adamw
+from mimkit.engine.optim import build_optimizer
 from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, generator_seed, sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.errors import ConfigError, TrainingError
@@ -135,24 +143,62 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class TrainingSetup:
+    """What a task (pretrain, finetune, linprobe) hands to the loop.
+
+    model: the method (``forward -> StepOutput``), on the device.
+    dataset: items ``(image, label)``; ``transform`` runs per sample under the sample's seed.
+    model_config: rebuilds the model; a resume into a run of another model is refused.
+    stats: data normalisation recorded in the checkpoint.
+    evaluate: optional ``(model, epoch) -> {"score": float, ...}`` after every epoch (higher is better),
+        or None to skip that epoch.
+    extra: entries added to every checkpoint (e.g. the classifier head's configuration).
+    """
+
+    model: nn.Module
+    dataset: Any
+    transform: Callable
+    model_config: dict[str, Any]
+    stats: dict[str, list[float]]
+    task: str = "pretrain"
+    description: str = ""
+    evaluate: Callable[[nn.Module, int], dict[str, float] | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Run (or resume) pretraining as configured; returns a summary dict (also saved as summary.json)."""
+    return run_training(cfg, _pretrain_setup)
+
+
+def run_training(cfg: Config, make_setup: Callable[[Config, DistInfo, torch.device], TrainingSetup]) -> dict[str, Any]:
+    """Join the process group (under torchrun), build the task's setup, train; returns the summary."""
     dist_info, device = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, dist_info, device)
+        return train_loop(cfg, dist_info, device, make_setup(cfg, dist_info, device))
     finally:
         cleanup()
 
 
-def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]:
-    t_cfg = cfg.train
-    out = Path(cfg.output_dir)
+def _pretrain_setup(cfg: Config, di: DistInfo, device: torch.device) -> TrainingSetup:
     dataset, model_config, stats = prepare_data(cfg)
     model_kwargs = resolve_model_kwargs(**model_config)
-
-    torch.manual_seed(t_cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)
     transform = _pretrain_transform(model, cfg, model_kwargs["img_size"], stats)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    description = (f"{model_config['name']} ({n_params:.1f}M params) on {cfg.data.path} "
+                   f"[{len(dataset)} images, {model_config['in_chans']} ch]")
+    return TrainingSetup(model, dataset, transform, model_config, stats, "pretrain", description)
+
+
+def train_loop(cfg: Config, di: DistInfo, device: torch.device, setup: TrainingSetup) -> dict[str, Any]:
+    t_cfg = cfg.train
+    out = Path(cfg.output_dir)
+    model, dataset, transform = setup.model, setup.dataset, setup.transform
+    model_config, stats = setup.model_config, setup.stats
+    uses_labels = getattr(model, "uses_labels", False)
     sampler = SeededSampler(len(dataset), t_cfg.seed, di.rank, di.world_size)
     loader = DataLoader(
         SeededTransformDataset(dataset, transform), batch_size=t_cfg.batch_size, sampler=sampler,
@@ -168,10 +214,11 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
 
     effective_batch = t_cfg.batch_size * t_cfg.accum_iter * di.world_size
     base_lr = t_cfg.lr if t_cfg.lr is not None else scaled_lr(t_cfg.blr, effective_batch)
-    optimizer = build_adamw(model, base_lr, t_cfg.weight_decay, tuple(t_cfg.betas))
+    optimizer = build_optimizer(model, t_cfg, base_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=t_cfg.precision == "fp16")
 
     start_epoch, step = 0, 0
+    best_score, best_record = -math.inf, None
     last_path = out / "last.pt"
     if t_cfg.resume and last_path.is_file():
         ckpt = load_file(last_path)
@@ -184,6 +231,8 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        best_score = ckpt.get("best_score", -math.inf)
+        best_record = ckpt.get("best_record")
         _set_rng_state(ckpt["rng"])
         if di.is_main:
             print(f"Resuming from {last_path} at epoch {start_epoch}/{t_cfg.epochs}.", flush=True)
@@ -202,11 +251,9 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
-            f"mimkit pretrain: {model_config['name']} ({n_params:.1f}M params) on {cfg.data.path} "
-            f"[{len(dataset)} images, {model_config['in_chans']} ch], {t_cfg.epochs} epochs x {iters_per_epoch} it, "
-            f"effective batch {effective_batch}, lr {base_lr:.3g}, {t_cfg.precision}"
+            f"mimkit {setup.task}: {setup.description}, {t_cfg.epochs} epochs x {iters_per_epoch} it, "
+            f"effective batch {effective_batch}, {t_cfg.optimizer} lr {base_lr:.3g}, {t_cfg.precision}"
             f"{', compiled' if t_cfg.compile else ''}, {di.world_size} process(es) on {device}",
             flush=True,
         )
@@ -227,7 +274,7 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
         window_start, window_iters = time.perf_counter(), 0
         epoch_start = time.perf_counter()
         lr = base_lr
-        for it, (images, _labels, seeds) in enumerate(loader):
+        for it, (images, labels, seeds) in enumerate(loader):
             if it >= iters_per_epoch:
                 break
             if it % t_cfg.accum_iter == 0:
@@ -245,7 +292,10 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
             sync = contextlib.nullcontext() if boundary or not di.enabled else step_model.no_sync()
             with sync:
                 with autocast:
-                    output = step_model(images, sample_seeds=seeds)
+                    if uses_labels:
+                        output = step_model(images, sample_seeds=seeds, labels=labels.to(device, non_blocking=True))
+                    else:
+                        output = step_model(images, sample_seeds=seeds)
                 scaler.scale(output.loss / t_cfg.accum_iter).backward()
             if boundary:
                 if t_cfg.clip_grad is not None:
@@ -292,18 +342,31 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
             raise TrainingError(f"The loss became non-finite in epoch {epoch}; stopped, last good checkpoint kept in {out}.")
         record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **means, "epoch_time_s": epoch_time,
                   "images_per_s": iters_per_epoch * t_cfg.batch_size * di.world_size / epoch_time}
+        is_best = False
+        scores = setup.evaluate(model, epoch) if setup.evaluate is not None else None  # on every rank
+        if scores is not None:
+            record.update({f"eval_{k}": v for k, v in scores.items()})
+            is_best = scores["score"] > best_score
+            if is_best:
+                best_score, best_record = scores["score"], {"epoch": epoch, **scores}
         logger.log(record)
         if di.is_main:
             metric_text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            if scores is not None:
+                metric_text += " | " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
             print(f"epoch {epoch + 1}/{t_cfg.epochs}  {metric_text}  lr {lr:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {epoch_time:.1f}s", flush=True)
             payload = {
                 "format": "mimkit", "version": mimkit.__version__, "model": model.state_dict(),
                 "model_config": model_config, "data_stats": stats, "epoch": epoch, "step": step,
                 "config": cfg.to_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
+                "rng": _rng_state(), "task": setup.task, "best_score": best_score, "best_record": best_record,
+                **setup.extra,
             }
             save_atomic(payload, last_path)
+            if is_best:
+                weights_only = {k: v for k, v in payload.items() if k not in ("optimizer", "scaler", "rng")}
+                save_atomic(weights_only, out / "best.pt")
             if (epoch + 1) % t_cfg.save_every == 0 or epoch + 1 == t_cfg.epochs:
                 save_atomic(payload, out / f"checkpoint-{epoch + 1:04d}.pt")
         barrier()
@@ -312,6 +375,8 @@ def _pretrain(cfg: Config, di: DistInfo, device: torch.device) -> dict[str, Any]
     wall = time.perf_counter() - run_start
     summary.update({"wall_time_s": wall, "images_per_s": images_seen / wall if wall > 0 else 0.0,
                     "output_dir": str(out), "checkpoint": str(last_path)})
+    if best_record is not None:
+        summary["best"] = best_record
     if di.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()

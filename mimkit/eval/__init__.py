@@ -1,1 +1,2 @@
-"""Evaluation of frozen and fine-tuned encoders (k-NN now; linear probe and fine-tune build on the same features)."""
+"""Evaluation of pretrained encoders: weighted k-NN (knn.py), linear probing (linprobe.py), end-to-end
+fine-tuning (finetune.py), on shared feature extraction (features.py) and metrics (metrics.py)."""

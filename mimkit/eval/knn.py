@@ -74,13 +74,17 @@ def evaluate_encoder_knn(
     test_split: str = "test",
     batch_size: int = 256,
     device: str = "cpu",
+    data_cfg=None,
+    chunk_size: int = 1024,
 ) -> dict:
     """k-NN accuracy of ``encoder`` on ``data`` (train split = bank, test split = queries).
 
     Images are normalised with ``stats`` (the pretraining statistics) or, when None, with
-    statistics computed on the train split. Returns a JSON-ready dict.
+    statistics computed on the train split. ``data_cfg`` (a DataConfig) may restrict the bank to
+    a label fraction (``labels_per_class`` / ``label_fraction``). Under torchrun the features are
+    computed in shards and all-gathered, so every rank holds the whole bank. Returns a JSON-ready dict.
     """
-    from mimkit.data import TransformedDataset, build_transform, compute_channel_stats, load_dataset
+    from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, compute_channel_stats, load_dataset
 
     train = load_dataset(data, train_split)
     test = load_dataset(data, test_split)
@@ -88,6 +92,11 @@ def evaluate_encoder_knn(
         from mimkit.errors import MimkitError
 
         raise MimkitError(f"{data} has no labels: k-NN needs class sub-folders or a labelled .npz.")
+    if data_cfg is not None:
+        import torch.distributed as dist
+
+        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        train = apply_label_fraction(train, data_cfg, log=print if main else None)
     if stats is None:
         mean, std = compute_channel_stats(train)
         stats = {"mean": mean, "std": std}
@@ -96,10 +105,12 @@ def evaluate_encoder_knn(
     train_x, train_y = extract_features(encoder, TransformedDataset(train, transform), **kwargs)
     test_x, test_y = extract_features(encoder, TransformedDataset(test, transform), **kwargs)
     accuracy = weighted_knn(train_x, train_y, test_x, test_y, k=k, temperature=temperature,
-                            num_classes=train.num_classes)
+                            num_classes=train.num_classes, chunk_size=chunk_size)
     return {
         "data": str(data), "train_split": train_split, "test_split": test_split,
         "num_train": len(train), "num_test": len(test), "num_classes": train.num_classes,
         "temperature": temperature, "pool": pool, "final_norm": final_norm,
+        "labels_per_class": getattr(data_cfg, "labels_per_class", None),
+        "label_fraction": getattr(data_cfg, "label_fraction", None),
         "accuracy": {str(kk): v for kk, v in accuracy.items()},
     }

@@ -1,4 +1,4 @@
-"""Fixed 2-D sine-cosine position embeddings (MAE flavour, methods.md §0.3)."""
+"""Fixed 2-D sine-cosine position embeddings (MAE flavour, methods.md §0.3) and their resizing (§0.11)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,25 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool 
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float().unsqueeze(0)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
+                          num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a checkpoint's position table to another patch grid (methods.md §0.11).
+
+    pos_embed [1, E + g0*g0, D] -> [1, E + h*w, D]: the E prefix rows ([CLS]) are kept, the patch
+    rows are resampled bicubically on the 2-D grid (timm ``resample_abs_pos_embed``). A table
+    that already has the requested grid is returned unchanged (the same tensor).
+    """
+    h, w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
+    patches = pos_embed.shape[1] - num_prefix_tokens
+    if patches == h * w:
+        return pos_embed
+    side = int(round(patches ** 0.5))
+    if side * side != patches:
+        raise ValueError(f"cannot interpolate a position table of {patches} patch rows: not a square grid")
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed.float(), [h, w], old_size=[side, side],
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",
+                                  antialias=False).to(pos_embed.dtype)

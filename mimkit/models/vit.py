@@ -12,7 +12,7 @@ from functools import partial
 from typing import Sequence
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -84,7 +84,8 @@ class MaskedViT(nn.Module):
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # strict_img_size=False: multi-crop methods (iBOT) also encode smaller crops.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -116,11 +117,25 @@ class MaskedViT(nn.Module):
         return {"pos_embed", "cls_token", "masked_embed"}
 
     # -- forward -------------------------------------------------------------------------------
+    def position_table(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """[1, 1+h*w, D] position embedding for a (h, w) patch grid.
+
+        The model's own table for its own grid; for other crop sizes (iBOT local crops) the
+        table resampled bicubically to the new grid (DINO/iBOT ``interpolate_pos_encoding``),
+        so a crop's patches span the same position range as a full image.
+        """
+        if tuple(grid_size) == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid_size), list(self.grid_size), num_prefix_tokens=1)
+
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> patch tokens with position embedding [N, L, D] (no [CLS])."""
         if images.shape[1] != self.in_chans:
             raise ValueError(f"model expects {self.in_chans} input channels, got {images.shape[1]}")
-        return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by patch size {self.patch_size}")
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return self.patch_embed(images) + self.position_table(grid)[:, 1:, :]
 
     def encode(
         self,
@@ -148,7 +163,8 @@ class MaskedViT(nn.Module):
                 raise ValueError("this encoder was built without a mask token; create it with use_mask_token=True")
             # The mask token replaces the patch embedding, then gets the position embedding back.
             w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + (self.masked_embed + self.pos_embed[:, 1:, :]) * w
+            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+            x = x * (1 - w) + (self.masked_embed + self.position_table(grid)[:, 1:, :]) * w
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
 

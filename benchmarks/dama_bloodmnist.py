@@ -1,0 +1,222 @@
+"""Quality benchmark: MAE vs DAMA_rand vs DAMA_adap on a MedMNIST file, same epochs and recipe.
+
+For each method: ``mimkit pretrain`` (MAE with configs/mae/vit_tiny_p4_28.yaml, both DAMA variants
+with configs/dama/vit_tiny_p4_28.yaml, DAMA_rand adding ``model.student2_mask=random``), then
+for every encoder (MAE: one; DAMA: student1 and student2) weighted k-NN (``mimkit knn``, k=20,
+T=0.07, [CLS]) and a 1 %-label linear probe (``mimkit linprobe --config configs/linprobe/vit_tiny_p4_28.yaml
+data.label_fraction=0.01``, as benchmarks/eval_bloodmnist.py; the column says "n/a" with the
+reason when that command is missing or fails). All commands run
+as subprocesses, so the numbers are what a user gets from the CLI. Prints one JSON line per
+encoder, then a markdown table; writes both to ``--out-root``.
+
+    # the full comparison (40 epochs each; hours on a CPU, minutes on a GPU)
+    python benchmarks/dama_bloodmnist.py --data ../shared/datasets/bloodmnist.npz --out-root runs/dama_bench
+    # end-to-end check on a small budget
+    python benchmarks/dama_bloodmnist.py --max-train 512 --max-eval 256 --out-root /tmp/dama_check \
+        train.epochs=1 train.warmup_epochs=0 train.batch_size=128
+
+Extra ``key=value`` arguments are passed to every pretraining run.
+
+``--speed`` instead measures the train-step cost of DAMA relative to MAE (28-px presets, random
+images, forward + backward + AdamW, bf16 autocast): MAE and DAMA steps alternate, so both see
+the same machine load, and both wall-clock images/s and process CPU seconds per step (robust
+on a shared CPU) are reported:
+
+    python benchmarks/dama_bloodmnist.py --speed --batch-size 256 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = {
+    "MAE": ("configs/mae/vit_tiny_p4_28.yaml", []),
+    "DAMA_rand": ("configs/dama/vit_tiny_p4_28.yaml", ["model.student2_mask=random"]),
+    "DAMA_adap": ("configs/dama/vit_tiny_p4_28.yaml", ["model.student2_mask=adaptive"]),
+}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "mimkit", *cmd], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def _help_mentions(command: str, text: str) -> bool:
+    proc = _run([command, "--help"])
+    return proc.returncode == 0 and text in proc.stdout
+
+
+def _subset_npz(data: str, out: Path, max_train: int, max_eval: int, seed: int = 0) -> str:
+    """A smaller .npz (random train images, first val/test images) for quick end-to-end checks."""
+    import numpy as np
+
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files}
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(len(arrays["train_images"]))[:max_train])
+    small = {}
+    for split in ("train", "val", "test"):
+        if f"{split}_images" not in arrays:
+            continue
+        idx = keep if split == "train" else np.arange(min(max_eval, len(arrays[f"{split}_images"])))
+        small[f"{split}_images"], small[f"{split}_labels"] = arrays[f"{split}_images"][idx], arrays[f"{split}_labels"][idx]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **small)
+    return str(out)
+
+
+def _knn(ckpt: Path, data: str, encoder: str | None, out: Path) -> dict:
+    cmd = ["knn", "--checkpoint", str(ckpt), "--data", data, "--k", "20", "--out", str(out)]
+    if encoder:
+        cmd += ["--encoder", encoder]
+    t0 = time.perf_counter()
+    proc = _run(cmd)
+    if proc.returncode != 0:
+        return {"knn_error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    result = json.loads(out.read_text())
+    return {"knn_top1_k20": result["accuracy"]["20"]["top1"], "knn_wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _linprobe(ckpt: Path, data: str, encoder: str | None, out_dir: Path, fraction: float) -> dict:
+    """1 %-label MAE linear probe, the protocol of benchmarks/eval_bloodmnist.py (configs/linprobe/)."""
+    cmd = ["linprobe", "--checkpoint", str(ckpt), "--data", data]
+    if encoder:
+        cmd += ["--encoder", encoder]
+    config = REPO / "configs" / "linprobe" / "vit_tiny_p4_28.yaml"
+    if config.is_file():
+        cmd += ["--config", str(config)]
+    cmd += [f"data.label_fraction={fraction}", "data.val_split=null", "train.progress=false", "train.resume=false",
+            f"output_dir={out_dir}"]
+    t0 = time.perf_counter()
+    proc = _run(cmd)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        if "invalid choice: 'linprobe'" in proc.stderr:
+            reason = "mimkit linprobe is not available in this version"
+        return {"linprobe_error": reason}
+    metrics = out_dir / "linprobe_metrics.json"
+    if metrics.is_file():
+        top1 = json.loads(metrics.read_text())["metrics"]["top1"]
+    else:  # older output layout: read the printed summary
+        match = re.findall(r"top-1\D*([0-9]+(?:\.[0-9]+)?)", proc.stdout)
+        if not match:
+            return {"linprobe_error": f"no top-1 in the output: {proc.stdout.strip()[-200:]}"}
+        top1 = float(match[-1])
+    return {"linprobe_top1": round(top1, 2), "linprobe_wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def measure_speed(batch_size: int, steps: int, warmup: int, precision: str) -> dict:
+    """Alternating MAE / DAMA train steps on one process; medians of wall time and CPU time per step."""
+    import statistics
+
+    import torch
+
+    import mimkit
+    from mimkit.engine.optim import build_adamw
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    torch.manual_seed(0)
+    runs = {}
+    for name in ("mae_vit_tiny_patch4", "dama_vit_tiny_patch4"):
+        model = mimkit.create_model(name, norm_pix_loss=True)
+        runs[name] = (model, build_adamw(model, 1e-4, 0.05, (0.9, 0.95)), {"wall": [], "cpu": []})
+    images = torch.randn(batch_size, 3, 28, 28)
+    for i in range(warmup + steps):
+        for name, (model, opt, times) in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = model(images, sample_seeds=torch.arange(batch_size) + i * batch_size).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times["wall"].append(time.perf_counter() - t0)
+                times["cpu"].append(time.process_time() - c0)
+    out = {"batch_size": batch_size, "precision": precision, "steps": steps, "threads": torch.get_num_threads()}
+    for name, (_, _, times) in runs.items():
+        wall, cpu = statistics.median(times["wall"]), statistics.median(times["cpu"])
+        out[name] = {"images_per_s": round(batch_size / wall, 1), "step_s_median": round(wall, 3),
+                     "cpu_s_per_step": round(cpu, 3)}
+    mae, dama = out["mae_vit_tiny_patch4"], out["dama_vit_tiny_patch4"]
+    out["dama_over_mae_wall"] = round(dama["step_s_median"] / mae["step_s_median"], 2)
+    out["dama_over_mae_cpu"] = round(dama["cpu_s_per_step"] / mae["cpu_s_per_step"], 2)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "bloodmnist.npz"))
+    p.add_argument("--out-root", default="runs/dama_bench")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    p.add_argument("--label-fraction", type=float, default=0.01)
+    p.add_argument("--max-train", type=int, default=None, help="pretrain on this many random train images (checks)")
+    p.add_argument("--max-eval", type=int, default=None, help="with --max-train: val/test images kept")
+    p.add_argument("--skip-linprobe", action="store_true")
+    p.add_argument("--speed", action="store_true", help="only measure DAMA vs MAE train-step speed")
+    p.add_argument("--batch-size", type=int, default=256, help="--speed: batch size")
+    p.add_argument("--steps", type=int, default=6, help="--speed: timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="--speed: autocast dtype")
+    p.add_argument("overrides", nargs="*", help="key=value for every pretraining run, e.g. train.epochs=1")
+    args = p.parse_args()
+    if args.speed:
+        print(json.dumps(measure_speed(args.batch_size, args.steps, 2, args.precision)), flush=True)
+        return
+
+    root = Path(args.out_root)
+    data = args.data
+    if args.max_train:
+        data = _subset_npz(data, root / "data_subset.npz", args.max_train, args.max_eval or args.max_train)
+    knn_has_encoder = _help_mentions("knn", "--encoder")
+    rows = []
+    for method in args.methods.split(","):
+        config, extra = METHODS[method]
+        run_dir = root / method
+        t0 = time.perf_counter()
+        proc = _run(["pretrain", "--config", config, f"data.path={data}", f"output_dir={run_dir}",
+                     "train.progress=false", *extra, *args.overrides])
+        pretrain_s = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{method}: pretraining failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        encoders = [None] if method == "MAE" else ["student1", "student2"]
+        for encoder in encoders:
+            if encoder == "student2" and not knn_has_encoder:
+                rows.append({"method": method, "encoder": encoder, "knn_error": "mimkit knn has no --encoder option"})
+                continue
+            tag = encoder or "encoder"
+            row = {"method": method, "encoder": tag, "epochs": summary.get("final_epoch"),
+                   "pretrain_wall_s": round(pretrain_s, 1), "pretrain_images_per_s": round(summary["images_per_s"], 1),
+                   "final_loss": summary.get("final_loss")}
+            # student1 is a DAMA checkpoint's default encoder, so it needs no --encoder flag.
+            pick = encoder if encoder == "student2" else None
+            row.update(_knn(run_dir / "last.pt", data, pick, run_dir / f"knn_{tag}.json"))
+            if not args.skip_linprobe:
+                row.update(_linprobe(run_dir / "last.pt", data, pick, run_dir / f"linprobe_{tag}", args.label_fraction))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    lines = [f"| method | encoder | k-NN top-1 % (k=20) | linear probe top-1 % ({args.label_fraction:.0%} labels) | "
+             "pretrain wall | pretrain img/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        knn = f"{r['knn_top1_k20']:.2f}" if "knn_top1_k20" in r else f"n/a ({r.get('knn_error')})"
+        lin = f"{r['linprobe_top1']:.2f}" if "linprobe_top1" in r else f"n/a ({r.get('linprobe_error', 'skipped')})"
+        wall = f"{r['pretrain_wall_s'] / 60:.1f} min" if "pretrain_wall_s" in r else ""
+        ips = f"{r['pretrain_images_per_s']:.0f}" if "pretrain_images_per_s" in r else ""
+        lines.append(f"| {r['method']} | {r['encoder']} | {knn} | {lin} | {wall} | {ips} |")
+    table = "\n".join(lines)
+    print(table)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Linear probing of a frozen encoder, trained by the one engine loop (methods.md §0.10, §2.5, §5.6).
+
+Two protocols (``linprobe.protocol``):
+
+* ``mae``: [CLS] (or mean patch token) after the pretrained final norm -> BatchNorm1d without
+  affine (eps 1e-6) -> Linear (trunc-normal std 0.01); LARS with a real trust ratio, base lr 0.1,
+  weight decay 0, warmup + cosine.
+* ``dino``: the [CLS] tokens of the last ``n_last_blocks`` blocks (each after the final norm),
+  concatenated (+ the mean patch token with ``avgpool``) -> Linear (normal std 0.01, bias 0);
+  momentum SGD, weight decay 0, cosine.
+
+With ``linprobe.cache_features=true`` (default) features are extracted once without augmentation
+and the head trains on them, so a sweep costs seconds (``linprobe.cache_dir`` keeps them on disk
+for later runs); ``false`` runs the frozen encoder every step with RandomResizedCrop + flip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mimkit.methods.base import StepOutput
+
+LINPROBE_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/linprobe",
+    "train": {"epochs": 90, "warmup_epochs": 10, "blr": 0.1, "weight_decay": 0.0, "min_lr": 0.0,
+              "batch_size": 256, "optimizer": "lars", "save_every": 1000},
+}
+DINO_TRAIN = {"optimizer": "sgd", "warmup_epochs": 0, "epochs": 100, "blr": 0.001}
+
+
+class LinearProbe(nn.Module):
+    """[N, D] features (or images, with a frozen ``encoder``) -> [N, num_classes] logits.
+
+    ``batchnorm``: BatchNorm1d(D, affine=False) before the linear layer (MAE protocol). The
+    encoder, when given, is frozen and always kept in eval mode.
+    """
+
+    uses_labels = True
+
+    def __init__(self, feature_dim: int, num_classes: int, *, batchnorm: bool = True, init_std: float = 0.01,
+                 encoder: nn.Module | None = None, feature_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.feature_kwargs = feature_kwargs or {}
+        if encoder is not None:
+            encoder.requires_grad_(False)
+        self.bn = nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.head = nn.Linear(feature_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()  # frozen: no dropout / drop-path
+        return self
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            from mimkit.eval.features import probe_features
+
+            with torch.no_grad():
+                inputs = probe_features(self.encoder, inputs, **self.feature_kwargs).float()
+        return self.head(self.bn(inputs))
+
+    def forward(self, inputs: torch.Tensor, sample_seeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> StepOutput:
+        logits = self.logits(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return StepOutput(loss, {"loss": loss.detach(), "train_acc": acc.detach()})
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+
+class FeatureDataset(Dataset):
+    """(feature [D], label) pairs held in memory; has ``labels``/``num_classes`` like ImageDataset."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        self.features, self.labels, self.num_classes = features, labels, num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i], int(self.labels[i])
+
+
+def _identity(x):
+    return x
+
+
+def feature_kwargs(l_cfg) -> dict[str, Any]:
+    if l_cfg.protocol == "dino":
+        return dict(pool="cls", final_norm=True, n_last_blocks=l_cfg.n_last_blocks, avgpool=l_cfg.avgpool)
+    return dict(pool=l_cfg.pool, final_norm=True, n_last_blocks=1, avgpool=False)
+
+
+def cached_features(encoder, dataset, stats, kwargs, *, cache_key: dict | None, cache_dir: str | None,
+                    device, precision: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``dataset`` under the eval transform, read from / written to ``cache_dir`` when given."""
+    from mimkit.data import TransformedDataset, build_transform
+    from mimkit.eval.features import extract_features
+
+    path = None
+    if cache_dir and cache_key is not None:
+        digest = hashlib.sha1(json.dumps(cache_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"features_{digest}.pt"
+        if path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if log:
+                log(f"features read from {path}")
+            return blob["features"], blob["labels"]
+    transform = build_transform("eval", encoder.img_size, stats["mean"], stats["std"])
+    feats, labels = extract_features(encoder, TransformedDataset(dataset, transform), device=device,
+                                     precision=precision, **kwargs)
+    if path is not None and int(os.environ.get("RANK", "0")) == 0:
+        from mimkit.checkpoint import save_atomic
+
+        save_atomic({"features": feats, "labels": labels, "key": cache_key}, path)
+    return feats, labels
+
+
+def _cache_key(cfg, checkpoint: str, kwargs: dict, stats: dict) -> dict | None:
+    """What the features depend on (None for a random encoder: never cached)."""
+    if cfg.linprobe.init == "random":
+        return None
+    return {"checkpoint": str(Path(checkpoint).resolve()), "mtime": os.path.getmtime(checkpoint),
+            "encoder": cfg.linprobe.encoder, "data": cfg.data.path, **kwargs, "stats": stats}
+
+
+def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
+    from mimkit.checkpoint import load_encoder
+    from mimkit.models.vit import MaskedViT
+
+    encoder, recorded = load_encoder(checkpoint, model_name, allow_pickle, encoder=cfg.linprobe.encoder,
+                                     verbose=log is not None)
+    if cfg.linprobe.init == "random":
+        # Same architecture, untrained weights: the baseline the pretrained features must beat.
+        torch.manual_seed(cfg.train.seed)
+        encoder = MaskedViT(img_size=encoder.img_size, patch_size=encoder.patch_size, in_chans=encoder.in_chans,
+                            embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
+                            mlp_ratio=encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim).eval()
+        if log:
+            log("linprobe.init=random: a randomly initialised encoder of the same architecture is probed")
+    return encoder, recorded
+
+
+def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False):
+    """The :class:`~mimkit.engine.trainer.TrainingSetup` of a linear probe."""
+    from mimkit.data import apply_label_fraction, build_transform
+    from mimkit.engine.trainer import TrainingSetup
+    from mimkit.eval.finetune import data_stats_for, fit_batch_to_data, load_labelled_split
+    from mimkit.eval.metrics import classification_metrics
+
+    l_cfg, log = cfg.linprobe, (print if di.is_main else None)
+    train = apply_label_fraction(load_labelled_split(cfg.data.path, cfg.data.split), cfg.data, log=log)
+    fit_batch_to_data(cfg, len(train), log)
+    encoder, recorded = _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log)
+    if encoder.in_chans != train.num_channels:
+        from mimkit.errors import ConfigError
+
+        raise ConfigError(f"The encoder takes {encoder.in_chans} channels but {cfg.data.path} has "
+                          f"{train.num_channels}: a frozen probe cannot adapt the patch embedding (fine-tune instead).")
+    encoder.to(device)
+    stats = data_stats_for(train, recorded)
+    kwargs = feature_kwargs(l_cfg)
+    dim = encoder.embed_dim * (kwargs["n_last_blocks"] + int(kwargs["avgpool"]))
+    batchnorm = l_cfg.protocol == "mae"
+    val = load_labelled_split(cfg.data.path, cfg.data.val_split, required=False) if cfg.data.val_split else None
+    key = _cache_key(cfg, checkpoint, kwargs, stats)
+    feature_args = dict(cache_dir=l_cfg.cache_dir, device=device, precision=cfg.train.precision, log=log)
+    if l_cfg.cache_features:
+        train_key = key and {**key, "split": cfg.data.split, "n": len(train),
+                             "subset": [cfg.data.labels_per_class, cfg.data.label_fraction, cfg.data.label_seed]}
+        feats, labels = cached_features(encoder, train, stats, kwargs, cache_key=train_key, **feature_args)
+        dataset, transform = FeatureDataset(feats, labels, train.num_classes), _identity
+        model = LinearProbe(dim, train.num_classes, batchnorm=batchnorm, init_std=l_cfg.head_init_std)
+    else:
+        dataset = train
+        transform = build_transform("pretrain", encoder.img_size, stats["mean"], stats["std"],
+                                    crop_scale=(0.08, 1.0), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation)
+        model = LinearProbe(dim, train.num_classes, batchnorm=batchnorm, init_std=l_cfg.head_init_std,
+                            encoder=encoder, feature_kwargs=kwargs)
+    model.to(device)
+    evaluate = None
+    if val is not None:
+        val_key = key and {**key, "split": cfg.data.val_split}
+        val_x, val_y = cached_features(encoder, val, stats, kwargs, cache_key=val_key, **feature_args)
+
+        def evaluate_val(m: nn.Module, epoch: int) -> dict[str, float] | None:
+            if (epoch + 1) % l_cfg.eval_every and epoch + 1 != cfg.train.epochs:
+                return None
+            metrics = classification_metrics(head_logits(m, val_x.to(device)), val_y)
+            return {"score": metrics["top1"], "val_top1": metrics["top1"], "val_auc": metrics["auc"]}
+
+        evaluate = evaluate_val
+    description = (f"linear probe ({l_cfg.protocol} protocol, {dim}-d features, "
+                   f"{'cached' if l_cfg.cache_features else 'augmented'}, init {l_cfg.init}) on {cfg.data.path} "
+                   f"[{len(train)} labelled images, {train.num_classes} classes]")
+    model_config = {"name": "linear_probe", "feature_dim": dim, "num_classes": train.num_classes,
+                    "batchnorm": batchnorm, **kwargs}
+    return TrainingSetup(model, dataset, transform, model_config, stats, "linprobe", description, evaluate,
+                         extra={"source_checkpoint": str(checkpoint)})
+
+
+@torch.no_grad()
+def head_logits(model: LinearProbe, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits [N, C] of cached features [N, D] (eval mode: BN uses its running statistics)."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model.head(model.bn(features[i:i + batch_size])) for i in range(0, len(features), batch_size)])
+    model.train(was)
+    return out.float().cpu()
+
+
+def run_linprobe(cfg, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False) -> dict[str, Any] | None:
+    """Train the probe, then score best.pt (and last.pt) on the test split; writes ``linprobe_metrics.json``."""
+    from mimkit.checkpoint import extract_state_dict, load_file
+    from mimkit.engine.distributed import resolve_device
+    from mimkit.engine.trainer import run_training
+    from mimkit.eval.finetune import load_labelled_split
+    from mimkit.eval.metrics import classification_metrics, write_metrics
+
+    if cfg.linprobe.protocol == "dino" and cfg.train.optimizer == "lars":
+        cfg.train.optimizer = "sgd"  # the DINO protocol trains its head with SGD
+    summary = run_training(cfg, lambda c, di, dev: linprobe_setup(c, di, dev, checkpoint, model_name, allow_pickle))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    out, device = Path(cfg.output_dir), resolve_device(cfg.train.device)
+    encoder, _ = _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, None)
+    encoder.to(device)
+    test = load_labelled_split(cfg.data.path, cfg.data.test_split)
+    result: dict[str, Any] = {"task": "linprobe", "checkpoint": str(checkpoint), "data": cfg.data.path,
+                              "protocol": cfg.linprobe.protocol, "init": cfg.linprobe.init,
+                              "labels_per_class": cfg.data.labels_per_class,
+                              "label_fraction": cfg.data.label_fraction, "train": summary}
+    test_x = test_y = None
+    for name in ("best", "last"):
+        path = out / f"{name}.pt"
+        if not path.is_file():
+            continue
+        obj = load_file(path)
+        mc = obj["model_config"]
+        kwargs = {k: mc[k] for k in ("pool", "final_norm", "n_last_blocks", "avgpool")}
+        if test_x is None:
+            key = _cache_key(cfg, checkpoint, kwargs, obj["data_stats"])
+            test_x, test_y = cached_features(encoder, test, obj["data_stats"], kwargs,
+                                             cache_key=key and {**key, "split": cfg.data.test_split},
+                                             cache_dir=cfg.linprobe.cache_dir, device=device,
+                                             precision=cfg.train.precision, log=None)
+        probe = LinearProbe(mc["feature_dim"], mc["num_classes"], batchnorm=mc["batchnorm"])
+        probe.load_state_dict({k: v for k, v in extract_state_dict(obj).items() if not k.startswith("encoder.")},
+                              strict=True)
+        probe.to(device)
+        metrics = classification_metrics(head_logits(probe, test_x.to(device)), test_y, test.class_names)
+        result[name] = {"epoch": obj["epoch"] + 1, "metrics": metrics}
+    chosen = "best" if "best" in result else "last"
+    result["metrics"], result["reported"] = result[chosen]["metrics"], chosen
+    result["metrics_json"] = str(write_metrics(result, out, "linprobe_metrics"))
+    return result
