@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
+from mimkit.viz import save_figure
+
 
 def medmnist_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """probs [N, C] (softmax), labels [N] -> AUC in [0, 1] (nan when it is undefined)."""
@@ -78,11 +80,7 @@ def save_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_metrics(result: dict[str, Any], out_dir: str | Path, name: str) -> Path:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mimkit.attention import attention_rollout, discard_lowest, fuse_heads, normalise_by_max
 from mimkit.masking import attmask, sample_uniform
 from mimkit.models.vit import MaskedViT
+from mimkit.viz import save_figure
 
 
 @torch.no_grad()
@@ -117,11 +118,7 @@ def draw_attention(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["saliency_maps", "draw_attention"]

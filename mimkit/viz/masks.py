@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from mimkit.methods.dama import DAMA
+from mimkit.viz import save_figure
 from mimkit.viz.reconstruction import _to_display
 
 # Categories of the overlap column, in the order of their codes 0..3.
@@ -81,13 +82,7 @@ def save_mask_figure(
                loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_dama_masks(

@@ -15,6 +15,7 @@ import torch
 
 from mimkit.methods.mae import MAE
 from mimkit.models.patches import patchify, unpatchify
+from mimkit.viz import save_figure
 
 
 @torch.no_grad()
@@ -81,13 +82,7 @@ def save_reconstruction_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_reconstructions(
