@@ -81,15 +81,27 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def _eval_overrides(args, section: str) -> list[str]:
+    """Command-line flags of linprobe/finetune as config overrides (``section`` holds the encoder)."""
+    overrides = [*args.overrides, f"data.path={args.data}"]
+    if args.encoder:
+        overrides.append(f"{section}.encoder={args.encoder}")
+    if args.device != "auto":
+        overrides.append(f"train.device={args.device}")
+    return overrides
+
+
+def _print_test_metrics(split: str, result: dict, note: str = "") -> None:
+    m = result["metrics"]
+    print(f"{split}: top-1 {m['top1']:.2f} %" + (f", top-5 {m['top5']:.2f} %" if "top5" in m else "")
+          + f", AUC {m['auc']:.4f} ({m['num_images']} images{note}); metrics in {result['metrics_json']}")
+
+
 def cmd_linprobe(args) -> int:
     from mimkit.config import load_config
     from mimkit.eval.linprobe import DINO_TRAIN, LINPROBE_DEFAULTS, run_linprobe
 
-    overrides = [*args.overrides, f"data.path={args.data}"]
-    if args.encoder:
-        overrides.append(f"linprobe.encoder={args.encoder}")
-    if args.device != "auto":
-        overrides.append(f"train.device={args.device}")
+    overrides = _eval_overrides(args, "linprobe")
     cfg = load_config(args.config, overrides, defaults=LINPROBE_DEFAULTS)
     if cfg.linprobe.protocol == "dino":  # DINO's own defaults (SGD, no warmup) under the file and overrides
         dino = {**LINPROBE_DEFAULTS, "train": {**LINPROBE_DEFAULTS["train"], **DINO_TRAIN}}
@@ -97,10 +109,7 @@ def cmd_linprobe(args) -> int:
     result = run_linprobe(cfg, args.checkpoint, args.model, args.allow_pickle)
     if result is None:
         return 0
-    m = result["metrics"]
-    print(f"{cfg.data.test_split}: top-1 {m['top1']:.2f} %" + (f", top-5 {m['top5']:.2f} %" if "top5" in m else "")
-          + f", AUC {m['auc']:.4f} ({m['num_images']} images, {result['reported']}.pt); "
-          f"metrics in {result['metrics_json']}")
+    _print_test_metrics(cfg.data.test_split, result, f", {result['reported']}.pt")
     return 0
 
 
@@ -108,11 +117,7 @@ def cmd_finetune(args) -> int:
     from mimkit.config import load_config
     from mimkit.eval.finetune import FINETUNE_DEFAULTS, run_finetune
 
-    overrides = [*args.overrides, f"data.path={args.data}"]
-    if args.encoder:
-        overrides.append(f"finetune.encoder={args.encoder}")
-    if args.device != "auto":
-        overrides.append(f"train.device={args.device}")
+    overrides = _eval_overrides(args, "finetune")
     cfg = load_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
     if args.eval:
         from mimkit.eval.finetune import evaluate_finetuned_checkpoint
@@ -122,9 +127,7 @@ def cmd_finetune(args) -> int:
         result = run_finetune(cfg, args.checkpoint, args.model, args.allow_pickle)
     if result is None:  # a non-main torchrun process
         return 0
-    m = result["metrics"]
-    print(f"{cfg.data.test_split}: top-1 {m['top1']:.2f} %" + (f", top-5 {m['top5']:.2f} %" if "top5" in m else "")
-          + f", AUC {m['auc']:.4f} ({m['num_images']} images); metrics in {result['metrics_json']}")
+    _print_test_metrics(cfg.data.test_split, result)
     return 0
 
 
