@@ -35,7 +35,7 @@ from mimkit.engine.optim import build_optimizer
 from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, generator_seed, sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.errors import ConfigError, TrainingError
-from mimkit.registry import create_model, resolve_model_kwargs
+from mimkit.registry import create_model, model_arguments, resolve_model_kwargs
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -183,6 +183,9 @@ def run_training(cfg: Config, make_setup: Callable[[Config, DistInfo, torch.devi
 
 def _pretrain_setup(cfg: Config, di: DistInfo, device: torch.device) -> TrainingSetup:
     dataset, model_config, stats = prepare_data(cfg)
+    # Schedules inside the method (iBOT's teacher momentum) span the run unless the config says otherwise.
+    if "total_epochs" in model_arguments(model_config["name"]) and model_config.get("total_epochs") is None:
+        model_config["total_epochs"] = cfg.train.epochs
     model_kwargs = resolve_model_kwargs(**model_config)
     torch.manual_seed(cfg.train.seed)
     model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)

@@ -183,7 +183,8 @@ class IBOT(nn.Module):
             from warmup_teacher_temp / warmup_teacher_patch_temp over warmup_teacher_temp_epochs.
         center_momentum: centring momentum (c <- m c + (1 - m) batch mean).
         momentum_teacher: EMA momentum at step 0, cosine to 1 over ``total_epochs``.
-        total_epochs: length of the momentum schedule; set it to train.epochs.
+        total_epochs: length of the momentum schedule; ``mimkit pretrain`` sets it to train.epochs
+            unless the config gives it (e.g. to stop early inside a longer schedule).
         freeze_last_layer: epochs during which the last head layer gets no update.
         lambda_cls, lambda_mim: loss weights.
         local_crop_size, num_local_crops, global_crop_scale, local_crop_scale,
