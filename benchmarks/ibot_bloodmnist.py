@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out-root", default="runs/ibot_blood")
     p.add_argument("--mae-checkpoint", default=None, help="MAE checkpoint for the baseline row (same k-NN code)")
+    p.add_argument("--untrained", action="store_true", help="add a row for the teacher at initialisation (same seed)")
     p.add_argument("overrides", nargs="*", help="shared key=value overrides, e.g. data.path=... train.batch_size=128")
     args = p.parse_args()
 
@@ -83,11 +84,28 @@ def main() -> None:
                    "knn_top1": {k: v["top1"] for k, v in knn["accuracy"].items()}}
         print(json.dumps(mae_row), flush=True)
 
+    untrained_row = None
+    if args.untrained:
+        from mimkit.engine.trainer import prepare_data
+        from mimkit.registry import create_model
+
+        cfg = load_config(args.config, args.overrides)
+        _, model_config, stats = prepare_data(cfg)
+        torch.manual_seed(cfg.train.seed)  # the seed pretraining starts from, so this is epoch 0 of every variant
+        model = create_model(**model_config)
+        knn = evaluate_encoder_knn(model.teacher, cfg.data.path, stats, k=(10, 20), device=device)
+        untrained_row = {"variant": "untrained teacher (epoch 0)",
+                         "knn_top1": {k: v["top1"] for k, v in knn["accuracy"].items()}}
+        print(json.dumps(untrained_row), flush=True)
+
     print("\n| method / mask | epochs | crops | wall time | images/s | k-NN top-1 (k=20) | k=10 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| iBOT, {r['variant']} | {r['epochs']} | {r['crops']} | {r['pretrain_wall_s'] / 60:.1f} min | "
               f"{r['pretrain_images_per_s']:.0f} | {r['knn_top1']['20']:.2f} % | {r['knn_top1']['10']:.2f} % |")
+    if untrained_row:
+        print(f"| iBOT teacher, untrained | 0 | | | | {untrained_row['knn_top1']['20']:.2f} % | "
+              f"{untrained_row['knn_top1']['10']:.2f} % |")
     if mae_row:
         print(f"| MAE ({mae_row['checkpoint']}) | | | | | {mae_row['knn_top1']['20']:.2f} % | "
               f"{mae_row['knn_top1']['10']:.2f} % |")
