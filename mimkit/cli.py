@@ -19,7 +19,8 @@ from pathlib import Path
 from mimkit.errors import MimkitError
 
 
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser,
+                         encoder_help: str = "which encoder of the checkpoint (e.g. student1, teacher)") -> None:
     p.add_argument("--checkpoint", required=True,
                    help="mimkit checkpoint, or official MAE / timm ViT / DAMA / iBOT-DINO weights (format detected)")
     p.add_argument("--data", required=True, help="image folder, MedMNIST .npz, medmnist:NAME or digits")
@@ -28,6 +29,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read old pickled checkpoints (can run code from the file: only for trusted files)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--encoder", default=None, help=encoder_help)
 
 
 def _device(name: str) -> str:
@@ -253,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-split", default="test")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="also write the result as JSON here")
-    p.add_argument("--encoder", default=None, help="which encoder of the checkpoint (e.g. student1, teacher)")
     p.add_argument("overrides", nargs="*",
                    help="key=value: data.labels_per_class=N, data.label_fraction=F, data.label_seed=S, "
                         "output_dir=DIR (writes DIR/knn_metrics.json)")
@@ -262,20 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("linprobe", help="linear probe of frozen features (MAE: BN + linear, LARS; DINO: last-n [CLS], SGD)")
     _add_checkpoint_args(p)
     p.add_argument("--config", default=None, help="YAML file (see configs/linprobe/); the MAE protocol applies when omitted")
-    p.add_argument("--encoder", default=None, help="which encoder of the checkpoint (e.g. student1, teacher)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. linprobe.protocol=dino data.labels_per_class=10")
     p.set_defaults(func=cmd_linprobe)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained encoder end to end (MAE recipe); --eval scores a fine-tuned checkpoint")
     _add_checkpoint_args(p)
     p.add_argument("--config", default=None, help="YAML file (see configs/finetune/); the MAE recipe applies when omitted")
-    p.add_argument("--encoder", default=None, help="which encoder of the checkpoint (e.g. student1, teacher)")
     p.add_argument("--eval", action="store_true", help="only evaluate a fine-tuned checkpoint on data.test_split")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=20 data.label_fraction=0.01")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("visualize", help="figures from a checkpoint (reconstruction)")
-    _add_checkpoint_args(p)
+    _add_checkpoint_args(p, "attention/rollout: which encoder (iBOT: teacher (default) or student)")
     p.add_argument("--what", default="reconstruction", choices=["reconstruction", "masks", "attention", "rollout"],
                    help="reconstruction (MAE), masks (DAMA), attention / rollout ([CLS] attention or rollout of any "
                         "ViT encoder, with the AttMask masks it gives)")
@@ -283,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--num-images", type=int, default=6)
     p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--encoder", default=None, help="attention/rollout: which encoder (iBOT: teacher (default) or student)")
     p.add_argument("--layer", type=int, default=-1, help="attention: block whose [CLS] attention is shown (default: last)")
     p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean", help="attention/rollout: how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0,
