@@ -6,6 +6,7 @@ allocator warm-up) are not timed. Prints one JSON object per configuration, then
 
     python benchmarks/throughput.py --model mae_vit_tiny_patch4 --img-size 28 --batch-size 128
     python benchmarks/throughput.py --model mae_vit_base_patch16 --batch-size 256 --device cuda
+    python benchmarks/throughput.py --configs eager-fp32 --model-arg decoder_num_heads=1   # a preset variant
 
 ``--impl reference`` reproduces the official MAE code's compute path for comparison: explicit
 (unfused) softmax attention as in timm 0.3.2 and the for-loop AdamW of torch 1.x, fp32 eager.
@@ -17,6 +18,7 @@ On CUDA the script also reports model FLOPs utilisation (MFU): model FLOPs of th
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import resource
@@ -29,6 +31,20 @@ _PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "
                 "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
+def _model_overrides(pairs: list[str]) -> dict:
+    """``["decoder_depth=8", ...]`` -> ``{"decoder_depth": 8}``; values are Python literals, else strings."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
 def _single(args) -> dict:
     import torch
 
@@ -37,7 +53,8 @@ def _single(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = mimkit.create_model(args.model, img_size=args.img_size, norm_pix_loss=True).to(device)
+    model = mimkit.create_model(args.model, img_size=args.img_size, norm_pix_loss=True,
+                                **_model_overrides(args.model_arg)).to(device)
     if args.impl == "reference":
         for m in model.modules():
             if hasattr(m, "fused_attn"):
@@ -78,7 +95,7 @@ def _single(args) -> dict:
     times.sort()
     median = times[len(times) // 2]
     result = {
-        "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
+        "model": args.model, "model_args": _model_overrides(args.model_arg), "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
         "impl": args.impl, "compile": args.compile, "precision": args.precision,
         "images_per_s": args.batch_size / median, "step_ms_median": 1000 * median,
         "step_ms_min": 1000 * times[0], "threads": torch.get_num_threads(),
@@ -108,6 +125,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mae_vit_tiny_patch4")
     p.add_argument("--img-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a create_model argument, e.g. decoder_num_heads=1 (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -133,7 +152,8 @@ def main() -> None:
             "--precision", spec.split("-")[1]] + (["--compile"] if spec.startswith("compiled") else [])
         cmd = [sys.executable, os.path.abspath(__file__), "--single", "--model", args.model, "--img-size",
                str(args.img_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, *extra]
+               "--warmup", str(args.warmup), "--device", args.device, *extra,
+               *(f"--model-arg={pair}" for pair in args.model_arg)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             result = {"config": spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
