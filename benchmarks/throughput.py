@@ -138,6 +138,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
+    _model_overrides(args.model_arg)  # a malformed --model-arg fails here, before any subprocess
     if args.img_size is None:
         from mimkit.registry import resolve_model_kwargs
 
