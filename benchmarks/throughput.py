@@ -18,7 +18,6 @@ On CUDA the script also reports model FLOPs utilisation (MFU): model FLOPs of th
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import resource
@@ -32,16 +31,16 @@ _PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "
 
 
 def _model_overrides(pairs: list[str]) -> dict:
-    """``["decoder_depth=8", ...]`` -> ``{"decoder_depth": 8}``; values are Python literals, else strings."""
+    """``["decoder_depth=8", ...]`` -> ``{"decoder_depth": 8}``, values parsed as in config overrides."""
+    from mimkit.config import parse_override
+    from mimkit.errors import ConfigError
+
     overrides = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
+        keys, value = parse_override(pair)
+        if len(keys) != 1:
+            raise ConfigError(f"--model-arg takes a create_model argument such as decoder_depth=8, got {pair!r}")
+        overrides[keys[0]] = value
     return overrides
 
 
@@ -54,7 +53,7 @@ def _single(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = mimkit.create_model(args.model, img_size=args.img_size, norm_pix_loss=True,
-                                **_model_overrides(args.model_arg)).to(device)
+                                **args.model_overrides).to(device)
     if args.impl == "reference":
         for m in model.modules():
             if hasattr(m, "fused_attn"):
@@ -95,7 +94,8 @@ def _single(args) -> dict:
     times.sort()
     median = times[len(times) // 2]
     result = {
-        "model": args.model, "model_args": _model_overrides(args.model_arg), "img_size": args.img_size, "batch_size": args.batch_size, "device": str(device),
+        "model": args.model, "model_args": args.model_overrides, "img_size": args.img_size,
+        "batch_size": args.batch_size, "device": str(device),
         "impl": args.impl, "compile": args.compile, "precision": args.precision,
         "images_per_s": args.batch_size / median, "step_ms_median": 1000 * median,
         "step_ms_min": 1000 * times[0], "threads": torch.get_num_threads(),
@@ -138,11 +138,16 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
-    _model_overrides(args.model_arg)  # a malformed --model-arg fails here, before any subprocess
-    if args.img_size is None:
-        from mimkit.registry import resolve_model_kwargs
+    from mimkit.errors import MimkitError
+    from mimkit.registry import resolve_model_kwargs
 
-        args.img_size = resolve_model_kwargs(args.model)["img_size"]
+    try:  # a malformed or unknown --model-arg fails here, before any subprocess
+        args.model_overrides = _model_overrides(args.model_arg)
+        resolved = resolve_model_kwargs(args.model, **args.model_overrides)
+    except MimkitError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.img_size is None:
+        args.img_size = resolved["img_size"]
     if args.single:
         print(json.dumps(_single(args)), flush=True)
         return
