@@ -328,6 +328,28 @@ def test_eval_resize_center_crop_protocol():
     assert out.shape == (1, 16, 16) and float(out.min()) == 1.0  # zero border cropped away
 
 
+def test_pretrain_crop_matches_official_pil_pipeline(blood_train):
+    """Same RNG draws -> same box and flip as the official MAE data path (torchvision's classic
+    RandomResizedCrop(bicubic) + flip on a uint8 PIL image, then ToTensor); pixels differ only
+    by the official path's uint8 rounding and clipping (mean < 0.5/255). Torch's non-antialiased
+    bicubic (a = -0.75 instead of PIL's -0.5) would differ by about 0.9/255."""
+    from torchvision import transforms as T
+
+    raw = np.load(BLOOD)["train_images"]
+    ours = build_transform("pretrain", 28, [0.0] * 3, [1.0] * 3, crop_scale=(0.2, 1.0), hflip=True)
+    official = T.Compose([
+        T.RandomResizedCrop(28, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), T.ToTensor(),
+    ])
+    for k in range(20):
+        torch.manual_seed(k)
+        a = ours(blood_train[k][0])
+        torch.manual_seed(k)
+        b = official(Image.fromarray(raw[k]))
+        assert a.shape == b.shape == (3, 28, 28)
+        assert float((a - b).abs().mean()) < 0.5 / 255, f"image {k}"
+
+
 def test_transform_errors():
     with pytest.raises(ValueError, match="Unknown transform kind 'train'"):
         build_transform("train", 16, [0.5], [0.5])
