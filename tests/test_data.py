@@ -331,23 +331,35 @@ def test_eval_resize_center_crop_protocol():
 def test_pretrain_crop_matches_official_pil_pipeline(blood_train):
     """Same RNG draws -> same box and flip as the official MAE data path (torchvision's classic
     RandomResizedCrop(bicubic) + flip on a uint8 PIL image, then ToTensor); pixels differ only
-    by the official path's uint8 rounding and clipping (mean < 0.5/255). Torch's non-antialiased
-    bicubic (a = -0.75 instead of PIL's -0.5) would differ by about 0.9/255."""
+    by the official path's uint8 rounding and clipping (mean < 0.5/255 per image). Torch's
+    non-antialiased bicubic (a = -0.75 instead of PIL's -0.5) misses that bound, so it discriminates."""
     from torchvision import transforms as T
+    from torchvision.transforms import v2
 
-    raw = np.load(BLOOD)["train_images"]
+    n = 20
+    raw = np.load(BLOOD)["train_images"][:n]
     ours = build_transform("pretrain", 28, [0.0] * 3, [1.0] * 3, crop_scale=(0.2, 1.0), hflip=True)
     official = T.Compose([
         T.RandomResizedCrop(28, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(), T.ToTensor(),
     ])
-    for k in range(20):
+    sharper = v2.Compose([
+        v2.RandomResizedCrop(28, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=False),
+        v2.RandomHorizontalFlip(),
+    ])
+    sharper_diffs = []
+    for k in range(n):
+        image = blood_train[k][0]
         torch.manual_seed(k)
-        a = ours(blood_train[k][0])
+        a = ours(image)
         torch.manual_seed(k)
         b = official(Image.fromarray(raw[k]))
+        torch.manual_seed(k)
+        c = sharper(image)
         assert a.shape == b.shape == (3, 28, 28)
         assert float((a - b).abs().mean()) < 0.5 / 255, f"image {k}"
+        sharper_diffs.append(float((c - b).abs().mean()))
+    assert np.mean(sharper_diffs) > 0.5 / 255
 
 
 def test_transform_errors():
