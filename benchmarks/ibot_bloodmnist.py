@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="shared key=value overrides, e.g. data.path=... train.batch_size=128")
     args = p.parse_args()
 
-    from mimkit.checkpoint import load_encoder
+    from mimkit.loading import load_encoder
     from mimkit.config import load_config
     from mimkit.engine.trainer import pretrain
     from mimkit.eval.knn import evaluate_encoder_knn

@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    from mimkit.checkpoint import build_from_checkpoint
+    from mimkit.loading import build_from_checkpoint
     from mimkit.config import load_config
     from mimkit.engine.trainer import pretrain
     from mimkit.eval.knn import evaluate_encoder_knn

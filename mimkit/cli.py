@@ -49,7 +49,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    from mimkit.checkpoint import load_encoder
+    from mimkit.loading import load_encoder
     from mimkit.config import load_config
     from mimkit.engine.distributed import cleanup, init_distributed
     from mimkit.eval.knn import evaluate_encoder_knn
@@ -134,8 +134,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    from mimkit.checkpoint import build_from_checkpoint, load_file
-    from mimkit.data import compute_channel_stats, load_dataset
+    from mimkit.checkpoint import load_file
+    from mimkit.loading import build_from_checkpoint
+    from mimkit.data import load_dataset, stats_for
     from mimkit.errors import CheckpointError
     from mimkit.methods.mae import MAE
     from mimkit.viz.reconstruction import draw_reconstructions
@@ -158,9 +159,7 @@ def cmd_visualize(args) -> int:
     if not isinstance(model, MAE):
         raise CheckpointError(f"Checkpoint {args.checkpoint} has no MAE decoder, so it cannot reconstruct images.")
     dataset = load_dataset(args.data, args.split)
-    if stats is None:
-        mean, std = compute_channel_stats(dataset)
-        stats = {"mean": mean, "std": std}
+    stats = stats_for(dataset, stats)
     title = f"{Path(args.checkpoint).name}: mask ratio {model.mask_ratio}"
     out = draw_reconstructions(model, dataset, stats["mean"], stats["std"], args.out,
                                num_images=args.num_images, seed=args.seed, title=title)
@@ -170,7 +169,7 @@ def cmd_visualize(args) -> int:
 
 def _visualize_dama_masks(args, model, stats) -> int:
     """``visualize --what masks``: student 1's mask, its per-patch error and student 2's mask (DAMA)."""
-    from mimkit.data import compute_channel_stats, load_dataset
+    from mimkit.data import load_dataset, stats_for
     from mimkit.errors import CheckpointError
     from mimkit.methods.dama import DAMA
     from mimkit.viz.masks import draw_dama_masks
@@ -182,9 +181,7 @@ def _visualize_dama_masks(args, model, stats) -> int:
     if dataset.num_channels != model.student1.in_chans:
         raise CheckpointError(f"Checkpoint {args.checkpoint} was trained on {model.student1.in_chans}-channel images but "
                               f"{args.data} has {dataset.num_channels} channels: pass the data it was trained on.")
-    if stats is None:
-        mean, std = compute_channel_stats(dataset)
-        stats = {"mean": mean, "std": std}
+    stats = stats_for(dataset, stats)
     title = (f"{Path(args.checkpoint).name}: DAMA student 2 mask = {model.student2_mask}, mask ratio "
              f"{model.mask_ratio}, overlap {model.mask_overlap_ratio}")
     out = draw_dama_masks(model, dataset, stats["mean"], stats["std"], args.out,
@@ -195,7 +192,7 @@ def _visualize_dama_masks(args, model, stats) -> int:
 
 def _visualize_attention(args, model, stats) -> int:
     """``visualize --what attention|rollout``: [CLS] attention or rollout, and the AttMask masks it gives."""
-    from mimkit.data import compute_channel_stats, load_dataset
+    from mimkit.data import load_dataset, stats_for
     from mimkit.errors import CheckpointError, ConfigError
     from mimkit.methods.base import select_encoder
     from mimkit.viz.attention import draw_attention
@@ -209,9 +206,7 @@ def _visualize_attention(args, model, stats) -> int:
         raise ConfigError(f"--layer {args.layer} does not exist: the encoder has blocks 0 to {encoder.depth - 1}.")
     if not 0 <= args.discard_ratio < 1:
         raise ConfigError(f"--discard-ratio must lie in [0, 1), got {args.discard_ratio}.")
-    if stats is None:
-        mean, std = compute_channel_stats(dataset)
-        stats = {"mean": mean, "std": std}
+    stats = stats_for(dataset, stats)
     encoder = encoder.to(_device(args.device))
     out = draw_attention(encoder, dataset, stats["mean"], stats["std"], args.out, args.what, layer=args.layer,
                          head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,

@@ -17,7 +17,7 @@ from mimkit.config import load_config
 
 
 def run_demo(out: str | Path = "runs/demo", data: str = "digits", epochs: int | None = None) -> dict:
-    from mimkit.checkpoint import build_from_checkpoint
+    from mimkit.loading import build_from_checkpoint
     from mimkit.data import load_dataset
     from mimkit.engine.trainer import pretrain
     from mimkit.eval.knn import evaluate_encoder_knn

@@ -20,3 +20,7 @@ class CheckpointError(MimkitError, ValueError):
 
 class TrainingError(MimkitError, RuntimeError):
     """Training cannot continue (for example, the loss became NaN)."""
+
+
+class DataError(MimkitError, ValueError):
+    """A data problem (path, file, image, split) the user can fix."""

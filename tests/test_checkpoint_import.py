@@ -5,9 +5,10 @@ import argparse
 import pytest
 import torch
 
-from mimkit.checkpoint import detect_format, encoder_state, load_encoder
+from mimkit.checkpoint import encoder_state
+from mimkit.loading import detect_format, load_encoder
 from mimkit.errors import CheckpointError
-from mimkit.eval.finetune import ViTClassifier
+from mimkit.models.classifier import ViTClassifier
 from mimkit.methods.mae import MAE
 
 ARCH = dict(img_size=28, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=1)

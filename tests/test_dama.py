@@ -259,7 +259,7 @@ def test_engine_run_then_knn_of_either_student_and_mask_figure(tmp_path, breast)
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {"rec1", "rec2", "info"} <= set(records[-1])
 
-    from mimkit.checkpoint import build_from_checkpoint
+    from mimkit.loading import build_from_checkpoint
     from mimkit.eval.knn import evaluate_encoder_knn
 
     model, _ = build_from_checkpoint(out / "last.pt")

@@ -77,7 +77,7 @@ def test_visualize_writes_png(tiny_checkpoint, tmp_path):
 
 
 def test_reconstruction_panels_denormalise_norm_pix(tiny_checkpoint):
-    from mimkit.checkpoint import build_from_checkpoint
+    from mimkit.loading import build_from_checkpoint
     from mimkit.viz.reconstruction import reconstruction_panels
 
     model, _ = build_from_checkpoint(tiny_checkpoint[0])

@@ -8,7 +8,7 @@ import torch
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.engine.trainer import pretrain
-from mimkit.eval.finetune import ViTClassifier, transfer_encoder_weights
+from mimkit.models.classifier import ViTClassifier, transfer_encoder_weights
 from mimkit.models.pos_embed import interpolate_pos_embed, sincos_2d
 from mimkit.models.vit import MaskedViT
 from tests.conftest import TINY_MAE

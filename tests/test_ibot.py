@@ -171,7 +171,7 @@ def ibot_run(tmp_path_factory):
 
 
 def test_pretrain_through_the_engine_and_evaluate_the_teacher(ibot_run):
-    from mimkit.checkpoint import build_from_checkpoint, load_encoder
+    from mimkit.loading import build_from_checkpoint, load_encoder
 
     root, small, summary = ibot_run
     assert summary["final_epoch"] == 1 and math.isfinite(summary["final_loss"])

@@ -95,7 +95,7 @@ def test_linprobe_random_encoder_and_label_fraction(tiny_checkpoint, tmp_path, c
 
 def test_linprobe_without_cache_keeps_encoder_frozen(tiny_checkpoint, tmp_path):
     ckpt, breast = tiny_checkpoint
-    from mimkit.checkpoint import load_encoder
+    from mimkit.loading import load_encoder
 
     assert main(["linprobe", "--checkpoint", str(ckpt), "--data", str(breast), "linprobe.cache_features=false",
                  "data.labels_per_class=32", "data.val_split=null", "train.epochs=1", "train.warmup_epochs=0",

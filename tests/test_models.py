@@ -56,7 +56,7 @@ def test_official_layout_loads_strictly_and_encoder_only_file_too(tmp_path):
     model.load_state_dict(state, strict=True)
     assert torch.equal(model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
     # mae_pretrain_vit_base.pth: {"model": encoder-only state dict}
-    from mimkit.checkpoint import load_encoder
+    from mimkit.loading import load_encoder
 
     enc_state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
     torch.save({"model": enc_state}, tmp_path / "mae_pretrain_vit_base.pth")

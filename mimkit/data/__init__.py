@@ -6,8 +6,10 @@
 """
 
 from .fractions import apply_label_fraction, stratified_indices
-from .sources import DataError, ImageDataset, load_dataset, read_image
-from .transforms import TransformedDataset, build_transform, compute_channel_stats
+from mimkit.errors import DataError
+
+from .sources import ImageDataset, load_dataset, read_image
+from .transforms import TransformedDataset, build_transform, compute_channel_stats, stats_for
 
 __all__ = [
     "DataError",
@@ -18,5 +20,6 @@ __all__ = [
     "compute_channel_stats",
     "load_dataset",
     "read_image",
+    "stats_for",
     "stratified_indices",
 ]

@@ -26,7 +26,7 @@ from typing import Callable
 from urllib.error import URLError
 from urllib.request import urlopen
 
-from .sources import DataError
+from mimkit.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,9 @@ import math
 from typing import Sequence
 
 import torch
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-_INTERPOLATION = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "nearest": InterpolationMode.NEAREST,
-}
+from mimkit.data.transforms import interpolation_mode
 
 
 def _clamp01(x: torch.Tensor) -> torch.Tensor:
@@ -122,14 +117,12 @@ class MultiCropTransform:
         hflip: bool = True,
         interpolation: str = "bicubic",
     ) -> None:
-        if interpolation not in _INTERPOLATION:
-            raise ValueError(f"Unknown interpolation {interpolation!r}: choose one of {', '.join(_INTERPOLATION)}.")
+        mode = interpolation_mode(interpolation)
         if len(mean) != num_channels or len(std) != num_channels:
             raise ValueError(f"mean and std need {num_channels} values (one per channel), got {len(mean)} and {len(std)}")
         if num_local < 0:
             raise ValueError(f"num_local must be >= 0, got {num_local}")
         self.num_channels, self.num_local = num_channels, num_local
-        mode = _INTERPOLATION[interpolation]
         norm = v2.Normalize([float(m) for m in mean], [float(s) for s in std])
 
         def pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> v2.Compose:

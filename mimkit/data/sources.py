@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mimkit.errors import MimkitError
+from mimkit.data import medmnist
+from mimkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -33,13 +34,6 @@ MAX_CHANNELS = 64  # a 3-D TIFF axis this small or smaller can be the channel ax
 # Value that maps to 1.0 for each supported storage dtype (float images are kept as they are).
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0}
 
-
-class DataError(MimkitError, ValueError):
-    """A user-facing data problem; the message is one sentence naming the problem and the fix.
-
-    A :class:`~mimkit.errors.MimkitError` (the CLI prints it without a traceback) and a
-    ValueError (so generic callers can catch it as bad input).
-    """
 
 
 def _family(dtype: np.dtype) -> str:
@@ -275,7 +269,6 @@ def load_dataset(path: str | os.PathLike, split: str = "train") -> ImageDataset:
     if spec.strip().lower() == "digits":
         return load_digits(split)
     if spec.strip().lower().startswith("medmnist:"):
-        from . import medmnist  # local import: medmnist.py imports DataError from here
         return load_npz(medmnist.fetch(spec), split)
     p = Path(spec).expanduser()
     if not p.exists():
@@ -297,7 +290,6 @@ def _check_split(split: str, available: Sequence[str], what: str) -> None:
 
 def _medmnist_name(p: Path) -> str | None:
     """'bloodmnist' for bloodmnist.npz / bloodmnist_64.npz, else None."""
-    from . import medmnist
     stem = p.stem.lower()
     base = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
     if base in medmnist.VOLUME_NAMES:
@@ -344,7 +336,6 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> ImageDataset:
         top = max(int(v.max()) for v in all_labels.values() if v.size)
         num_classes = top + 1
         if name is not None:
-            from . import medmnist
             if len(medmnist.CLASS_NAMES[name]) >= num_classes:
                 class_names = medmnist.CLASS_NAMES[name]
                 num_classes = len(class_names)

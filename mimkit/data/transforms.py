@@ -24,6 +24,22 @@ _INTERPOLATION = {
 }
 
 
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's mode for ``data.interpolation`` (bicubic | bilinear | nearest); ValueError otherwise."""
+    if name not in _INTERPOLATION:
+        raise ValueError(f"Unknown interpolation '{name}': choose one of {', '.join(_INTERPOLATION)}.")
+    return _INTERPOLATION[name]
+
+
+def stats_for(dataset, recorded: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Normalisation statistics ``{"mean", "std"}``: ``recorded`` ones (a checkpoint's pretraining
+    statistics) when their channel count fits ``dataset``, else computed from the data."""
+    if recorded is not None and len(recorded["mean"]) == dataset.num_channels:
+        return {"mean": list(recorded["mean"]), "std": list(recorded["std"])}
+    mean, std = compute_channel_stats(dataset)
+    return {"mean": mean, "std": std}
+
+
 def compute_channel_stats(ds, max_images: int = 10000,
                           seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the pixels, in [0, 1] units.
@@ -112,15 +128,12 @@ def build_transform(kind: str, img_size: int, mean: Sequence[float], std: Sequen
     ``len(mean) == len(std)`` must equal the image channel count; the transform raises
     ValueError on a mismatch. Unknown ``kind`` or ``interpolation`` -> ValueError.
     """
-    if interpolation not in _INTERPOLATION:
-        raise ValueError(f"Unknown interpolation '{interpolation}': choose one of "
-                         f"{', '.join(_INTERPOLATION)}.")
+    mode = interpolation_mode(interpolation)
     mean = [float(m) for m in mean]
     std = [float(s) for s in std]
     if len(mean) != len(std) or not mean:
         raise ValueError(f"mean and std need one value per channel, got {len(mean)} and "
                          f"{len(std)}")
-    mode = _INTERPOLATION[interpolation]
     norm = v2.Normalize(mean, std)
     if kind == "pretrain":
         steps = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=mode,

@@ -24,13 +24,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW using the fused kernel where PyTorch has one for the parameters' device."""
-    groups = param_groups(model, weight_decay)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """AdamW over the MAE parameter groups (:func:`param_groups`)."""
+    return adamw(param_groups(model, weight_decay), lr, betas)
 
 
 def build_optimizer(model: nn.Module, t_cfg, lr: float) -> torch.optim.Optimizer:
@@ -50,10 +54,7 @@ def build_optimizer(model: nn.Module, t_cfg, lr: float) -> torch.optim.Optimizer
     groups = model.optimizer_param_groups(wd) if hasattr(model, "optimizer_param_groups") else param_groups(model, wd)
     groups = [g for g in groups if g["params"]]
     if t_cfg.optimizer == "adamw":
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(t_cfg.betas), fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(t_cfg.betas))
+        return adamw(groups, lr, tuple(t_cfg.betas))
     if t_cfg.optimizer == "lars":
         from timm.optim import Lars
 

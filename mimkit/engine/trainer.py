@@ -46,7 +46,7 @@ def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float
     Returns (dataset, model_config, {"mean", "std"}). ``model_config`` is ``cfg.model`` with
     ``in_chans`` set from the data, so a checkpoint can rebuild exactly this model.
     """
-    from mimkit.data import compute_channel_stats, load_dataset
+    from mimkit.data import load_dataset, stats_for
 
     dataset = load_dataset(cfg.data.path, cfg.data.split)
     model_config = dict(cfg.model)
@@ -66,8 +66,7 @@ def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float
             )
         stats = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     else:
-        mean, std = compute_channel_stats(dataset)
-        stats = {"mean": list(mean), "std": list(std)}
+        stats = stats_for(dataset)
     return dataset, model_config, stats
 
 

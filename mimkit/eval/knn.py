@@ -84,7 +84,7 @@ def evaluate_encoder_knn(
     a label fraction (``labels_per_class`` / ``label_fraction``). Under torchrun the features are
     computed in shards and all-gathered, so every rank holds the whole bank. Returns a JSON-ready dict.
     """
-    from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, compute_channel_stats, load_dataset
+    from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, load_dataset, stats_for
 
     train = load_dataset(data, train_split)
     test = load_dataset(data, test_split)
@@ -97,9 +97,7 @@ def evaluate_encoder_knn(
 
         main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         train = apply_label_fraction(train, data_cfg, log=print if main else None)
-    if stats is None:
-        mean, std = compute_channel_stats(train)
-        stats = {"mean": mean, "std": std}
+    stats = stats_for(train, stats)
     transform = build_transform("eval", encoder.img_size, stats["mean"], stats["std"])
     kwargs = dict(pool=pool, final_norm=final_norm, batch_size=batch_size, device=device)
     train_x, train_y = extract_features(encoder, TransformedDataset(train, transform), **kwargs)

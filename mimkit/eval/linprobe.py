@@ -26,7 +26,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mimkit.checkpoint import extract_state_dict, save_atomic
+from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, stats_for
+from mimkit.engine.distributed import resolve_device
+from mimkit.engine.trainer import TrainingSetup, run_training
+from mimkit.errors import ConfigError
+from mimkit.eval.common import fit_batch_to_data, load_labelled_split, score_best_and_last
+from mimkit.eval.features import extract_features, probe_features
+from mimkit.eval.metrics import classification_metrics
+from mimkit.loading import load_encoder
 from mimkit.methods.base import StepOutput
+from mimkit.models.vit import MaskedViT
 
 LINPROBE_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/linprobe",
@@ -65,8 +75,6 @@ class LinearProbe(nn.Module):
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.encoder is not None:
-            from mimkit.eval.features import probe_features
-
             with torch.no_grad():
                 inputs = probe_features(self.encoder, inputs, **self.feature_kwargs).float()
         return self.head(self.bn(inputs))
@@ -108,9 +116,6 @@ def feature_kwargs(l_cfg) -> dict[str, Any]:
 def cached_features(encoder, dataset, stats, kwargs, *, cache_key: dict | None, cache_dir: str | None,
                     device, precision: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``dataset`` under the eval transform, read from / written to ``cache_dir`` when given."""
-    from mimkit.data import TransformedDataset, build_transform
-    from mimkit.eval.features import extract_features
-
     path = None
     if cache_dir and cache_key is not None:
         digest = hashlib.sha1(json.dumps(cache_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -124,8 +129,6 @@ def cached_features(encoder, dataset, stats, kwargs, *, cache_key: dict | None, 
     feats, labels = extract_features(encoder, TransformedDataset(dataset, transform), device=device,
                                      precision=precision, **kwargs)
     if path is not None and int(os.environ.get("RANK", "0")) == 0:
-        from mimkit.checkpoint import save_atomic
-
         save_atomic({"features": feats, "labels": labels, "key": cache_key}, path)
     return feats, labels
 
@@ -139,9 +142,6 @@ def _cache_key(cfg, checkpoint: str, kwargs: dict, stats: dict) -> dict | None:
 
 
 def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
-    from mimkit.checkpoint import load_encoder
-    from mimkit.models.vit import MaskedViT
-
     encoder, recorded = load_encoder(checkpoint, model_name, allow_pickle, encoder=cfg.linprobe.encoder,
                                      verbose=log is not None)
     if cfg.linprobe.init == "random":
@@ -157,22 +157,15 @@ def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
 
 def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False):
     """The :class:`~mimkit.engine.trainer.TrainingSetup` of a linear probe."""
-    from mimkit.data import apply_label_fraction, build_transform
-    from mimkit.engine.trainer import TrainingSetup
-    from mimkit.eval.finetune import data_stats_for, fit_batch_to_data, load_labelled_split
-    from mimkit.eval.metrics import classification_metrics
-
     l_cfg, log = cfg.linprobe, (print if di.is_main else None)
     train = apply_label_fraction(load_labelled_split(cfg.data.path, cfg.data.split), cfg.data, log=log)
     fit_batch_to_data(cfg, len(train), log)
     encoder, recorded = _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log)
     if encoder.in_chans != train.num_channels:
-        from mimkit.errors import ConfigError
-
         raise ConfigError(f"The encoder takes {encoder.in_chans} channels but {cfg.data.path} has "
                           f"{train.num_channels}: a frozen probe cannot adapt the patch embedding (fine-tune instead).")
     encoder.to(device)
-    stats = data_stats_for(train, recorded)
+    stats = stats_for(train, recorded)
     kwargs = feature_kwargs(l_cfg)
     dim = encoder.embed_dim * (kwargs["n_last_blocks"] + int(kwargs["avgpool"]))
     batchnorm = l_cfg.protocol == "mae"
@@ -225,12 +218,6 @@ def head_logits(model: LinearProbe, features: torch.Tensor, batch_size: int = 40
 
 def run_linprobe(cfg, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False) -> dict[str, Any] | None:
     """Train the probe, then score best.pt (and last.pt) on the test split; writes ``linprobe_metrics.json``."""
-    from mimkit.checkpoint import extract_state_dict, load_file
-    from mimkit.engine.distributed import resolve_device
-    from mimkit.engine.trainer import run_training
-    from mimkit.eval.finetune import load_labelled_split
-    from mimkit.eval.metrics import classification_metrics, write_metrics
-
     if cfg.linprobe.protocol == "dino" and cfg.train.optimizer == "lars":
         cfg.train.optimizer = "sgd"  # the DINO protocol trains its head with SGD
     summary = run_training(cfg, lambda c, di, dev: linprobe_setup(c, di, dev, checkpoint, model_name, allow_pickle))
@@ -244,27 +231,21 @@ def run_linprobe(cfg, checkpoint: str, model_name: str | None = None, allow_pick
                               "protocol": cfg.linprobe.protocol, "init": cfg.linprobe.init,
                               "labels_per_class": cfg.data.labels_per_class,
                               "label_fraction": cfg.data.label_fraction, "train": summary}
-    test_x = test_y = None
-    for name in ("best", "last"):
-        path = out / f"{name}.pt"
-        if not path.is_file():
-            continue
-        obj = load_file(path)
+    test_features: dict[str, torch.Tensor] = {}
+
+    def score(obj: dict[str, Any], path: Path) -> dict[str, Any]:
         mc = obj["model_config"]
-        kwargs = {k: mc[k] for k in ("pool", "final_norm", "n_last_blocks", "avgpool")}
-        if test_x is None:
+        if not test_features:  # best and last share the encoder, so the test features are computed once
+            kwargs = {k: mc[k] for k in ("pool", "final_norm", "n_last_blocks", "avgpool")}
             key = _cache_key(cfg, checkpoint, kwargs, obj["data_stats"])
-            test_x, test_y = cached_features(encoder, test, obj["data_stats"], kwargs,
-                                             cache_key=key and {**key, "split": cfg.data.test_split},
-                                             cache_dir=cfg.linprobe.cache_dir, device=device,
-                                             precision=cfg.train.precision, log=None)
+            test_features["x"], test_features["y"] = cached_features(
+                encoder, test, obj["data_stats"], kwargs, cache_key=key and {**key, "split": cfg.data.test_split},
+                cache_dir=cfg.linprobe.cache_dir, device=device, precision=cfg.train.precision, log=None)
         probe = LinearProbe(mc["feature_dim"], mc["num_classes"], batchnorm=mc["batchnorm"])
         probe.load_state_dict({k: v for k, v in extract_state_dict(obj).items() if not k.startswith("encoder.")},
                               strict=True)
         probe.to(device)
-        metrics = classification_metrics(head_logits(probe, test_x.to(device)), test_y, test.class_names)
-        result[name] = {"epoch": obj["epoch"] + 1, "metrics": metrics}
-    chosen = "best" if "best" in result else "last"
-    result["metrics"], result["reported"] = result[chosen]["metrics"], chosen
-    result["metrics_json"] = str(write_metrics(result, out, "linprobe_metrics"))
-    return result
+        logits = head_logits(probe, test_features["x"].to(device))
+        return classification_metrics(logits, test_features["y"], test.class_names)
+
+    return score_best_and_last(result, out, "linprobe_metrics", score)

@@ -43,13 +43,13 @@ from mimkit.masking import (
     dama_batch_broadcast_masking,
     dama_mask_sizes,
     num_visible,
-    sample_uniform,
+    uniform_noise,
 )
 from mimkit.methods.base import StepOutput
 from mimkit.methods.mae import MAE, normalized_pixel_target
 from mimkit.models.vit import MaskedViT
 
-# Noise streams of mimkit.masking.sample_uniform: one per random decision of a step.
+# Noise streams of mimkit.masking.uniform_noise: one per random decision of a step.
 _STREAM_STUDENT1 = 0
 _STREAM_STUDENT2 = 1
 
@@ -220,12 +220,6 @@ class DAMA(nn.Module):
         self._info_on = progress >= self.stable_epoch
 
     # -- masks ---------------------------------------------------------------------------------
-    def _noise(self, images: torch.Tensor, sample_seeds: torch.Tensor | None, stream: int) -> torch.Tensor:
-        """[N, L] uniform noise: per-sample seeded (exactly resumable runs) or torch.rand."""
-        if sample_seeds is not None:
-            return sample_uniform(sample_seeds.to(images.device), self.num_patches, stream=stream)
-        return torch.rand(images.shape[0], self.num_patches, device=images.device)
-
     def student2_draw(
         self, mask1: torch.Tensor, error1: torch.Tensor, noise: torch.Tensor
     ) -> MaskDraw:
@@ -268,14 +262,17 @@ class DAMA(nn.Module):
         s1, s2 = self.student1, self.student2
         target = normalized_pixel_target(images, s1.patch_size, self.norm_pix_loss).float()
 
-        draw1 = s1.draw_mask(images.shape[0], images.device, noise=self._noise(images, sample_seeds, _STREAM_STUDENT1))
+        n, device = images.shape[0], images.device
+        noise1 = uniform_noise(sample_seeds, n, self.num_patches, _STREAM_STUDENT1, device)
+        noise2 = uniform_noise(sample_seeds, n, self.num_patches, _STREAM_STUDENT2, device)
+        draw1 = s1.draw_mask(n, device, noise=noise1)
         tokens1 = s1.encode(images, ids_keep=draw1.ids_keep).tokens
         pred1 = s1.decode(tokens1, draw1.ids_restore)
         error1 = (pred1.float() - target).pow(2).mean(dim=-1)  # [N, L]
         rec1 = (error1 * draw1.mask).sum() / draw1.mask.sum()
 
         # The mask is a decision, not a function to differentiate: error1 enters it detached.
-        draw2 = self.student2_draw(draw1.mask, error1.detach(), self._noise(images, sample_seeds, _STREAM_STUDENT2))
+        draw2 = self.student2_draw(draw1.mask, error1.detach(), noise2)
         last_blocks = set(range(s2.depth - self.last_k_blocks, s2.depth))
         tokens2, mlp_outputs2 = _encode_with_mlp_outputs(s2, images, draw2.ids_keep, last_blocks)
         pred2 = s2.decode(tokens2, draw2.ids_restore)

@@ -2,6 +2,6 @@
 
 from mimkit.models.patches import patchify, unpatchify
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.vit import EncoderOutput, MaskedViT, pool_features
+from mimkit.models.vit import EncoderOutput, MaskedViT
 
-__all__ = ["MaskedViT", "EncoderOutput", "pool_features", "patchify", "unpatchify", "sincos_2d"]
+__all__ = ["MaskedViT", "EncoderOutput", "patchify", "unpatchify", "sincos_2d"]

@@ -196,13 +196,4 @@ def init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def pool_features(tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-    """[N, 1+T, D] -> [N, D]: the [CLS] token ("cls") or the mean of patch tokens ("mean")."""
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":
-        return tokens[:, 1:].mean(dim=1)
-    raise ValueError(f"unknown pooling {pool!r}: use 'cls' or 'mean'")
-
-
-__all__ = ["MaskedViT", "EncoderOutput", "attention_probs", "init_linear_and_norm", "pool_features"]
+__all__ = ["MaskedViT", "EncoderOutput", "attention_probs", "init_linear_and_norm"]
