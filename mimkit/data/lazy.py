@@ -1,0 +1,298 @@
+"""Image folders too large for memory: decoded per item, inside DataLoader workers.
+
+:class:`LazyImageDataset` holds only a :class:`~mimkit.data.folder_index.FileIndex`. Items are
+decoded when asked for, converted to the dataset's channel count, and handed on in their
+storage dtype (uint8 for 8-bit files), so that workers do the least per image and the float
+conversion and normalisation run batched on the training device (:mod:`mimkit.data.device`).
+
+:class:`PretrainCrop` is the MAE pretraining crop for such items: RandomResizedCrop (scale, ratio
+3/4..4/3, bicubic) drawn from torch's RNG, so the engine's per-sample seed fixes it whatever the
+worker count. For 8-bit files it crops and resizes the decoded image with Pillow exactly as
+torchvision does on PIL images in the official pipeline (same box, same pixels), but stops at
+uint8: no ToTensor or Normalize per image. With
+``draft=True`` a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's ``draft``) when
+the crop box stays at least twice the output size at that scale, i.e. only large boxes of large
+images: the crop is then resampled from a DCT-downscaled image, a slight low-pass the eye does
+not see, in exchange for decoding a quarter (or fewer) of the pixels.
+
+Unreadable files follow ``on_error``: ``raise`` (a DataError naming the file), or ``skip``: the
+item is replaced by the next readable one (deterministically) and the bad path travels with the
+batch so the engine can count it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from mimkit.data.folder_index import FileIndex, index_folder, merge_indices
+from mimkit.data.transforms import interpolation_mode
+from mimkit.errors import DataError
+
+TIFF_EXTENSIONS = (".tif", ".tiff")
+_PIL_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1,
+                 "P": 3, "RGB": 3, "RGBA": 3, "RGBX": 3, "CMYK": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+MAX_CHANNELS = 64
+
+
+def _is_tiff(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in TIFF_EXTENSIONS
+
+
+def header_channels(path: str) -> tuple[int, str]:
+    """(channel count, storage family "uint8" | "uint16" | "float") read from a file's header."""
+    if _is_tiff(path):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
+        dims = [s for s in shape if s > 1]
+        channels = 1 if len(dims) <= 2 else min(dims)
+        return channels, "float" if dtype.kind == "f" else str(dtype)
+    with Image.open(path) as im:
+        mode = im.mode
+    if mode not in _PIL_CHANNELS:
+        raise DataError(f"Image {path} has the unsupported mode {mode}: save it as greyscale or RGB.")
+    family = "uint16" if mode.startswith("I") else "float" if mode == "F" else "uint8"
+    return _PIL_CHANNELS[mode], family
+
+
+def _pil_to_channels(im: Image.Image, channels: int) -> Image.Image:
+    """Greyscale, palette, RGBA, CMYK, ... -> "L" (1 channel) or "RGB" (3); 16-bit grey stays 16-bit."""
+    if channels == 1:
+        if im.mode.startswith("I") or im.mode == "F":
+            return im
+        return im.convert("L")
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I"):  # 16-bit grey into a 3-channel set: 8-bit grey, then RGB
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow warns when converting transparent palettes straight to RGB
+    return im.convert("RGB")
+
+
+def _pil_array(im: Image.Image) -> np.ndarray:
+    a = np.array(im)  # a writable copy: torch refuses to wrap read-only buffers safely
+    if a.dtype.kind in "iu" and a.dtype.itemsize > 1:
+        a = a.astype(np.uint16)  # Pillow gives 16-bit PNGs as int32 or uint16
+    return a[..., None] if a.ndim == 2 else a
+
+
+def _tiff_hwc(path: str, channels: int) -> np.ndarray:
+    """A TIFF stack as [H, W, C] (the smallest axis of a 3-D stack is the channel axis)."""
+    import tifffile
+
+    a = np.squeeze(np.asarray(tifffile.imread(path)))
+    if a.ndim == 2:
+        a = a[..., None]
+    elif a.ndim == 3:
+        axis = int(np.argmin(a.shape))
+        if a.shape[axis] > MAX_CHANNELS:
+            raise DataError(f"Image {path} has shape {a.shape} and no axis of <= {MAX_CHANNELS} channels: save "
+                            f"one 2-D (multi-channel) image per file.")
+        a = np.moveaxis(a, axis, -1)
+    else:
+        raise DataError(f"Image {path} has shape {a.shape}: save one 2-D (multi-channel) image per file.")
+    if a.shape[-1] != channels:
+        raise DataError(f"Image {path} has {a.shape[-1]} channels but the dataset has {channels}: give all TIFF "
+                        f"stacks the same channel count.")
+    return np.ascontiguousarray(a)
+
+
+class LazyImageDataset(Dataset):
+    """The images of a :class:`FileIndex`, decoded on access.
+
+    ``ds[i]`` -> ``(image, label)``: image ``[C, H, W]`` in the file's storage dtype (uint8, or
+    int32 holding 16-bit values, or float32), converted to ``num_channels``; label an int (-1 =
+    unlabeled). With a ``transform`` (e.g. :class:`PretrainCrop`) the transform receives the
+    file path and the channel count and decodes itself, so it can crop while decoding.
+
+    ``num_channels`` defaults to the most common channel count among the headers of up to 256
+    seeded sampled files (ImageNet's greyscale and CMYK JPEGs become RGB).
+    """
+
+    def __init__(self, index: FileIndex, num_channels: int | None = None, *, on_error: str = "raise",
+                 sample_seed: int = 0):
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"data.on_error is {on_error!r}: choose raise or skip.")
+        self.index, self.on_error = index, on_error
+        self.files = index.files
+        self.labels = torch.as_tensor(index.labels, dtype=torch.long)
+        self.class_names = list(index.class_names)
+        self.num_classes = len(self.class_names)
+        self.image_size = None  # sizes may differ: transforms resize
+        self.source = index.root
+        self.num_channels, self.storage = self._probe(num_channels, sample_seed)
+        self.scale = {"uint8": 255.0, "uint16": 65535.0}.get(self.storage, 1.0)
+
+    def _probe(self, num_channels: int | None, seed: int) -> tuple[int, str]:
+        n = len(self.files)
+        picks = np.random.default_rng(seed).choice(n, size=min(n, 256), replace=False)
+        seen: list[tuple[int, str]] = []
+        for i in picks:
+            try:
+                seen.append(header_channels(self.files[i]))
+            except Exception:  # noqa: BLE001 - a bad file is the error policy's business, not the probe's
+                continue
+        if not seen:
+            raise DataError(f"None of the {len(picks)} sampled files under {self.source} could be opened: are they "
+                            f"images?")
+        channels = num_channels or max(set(c for c, _ in seen), key=[c for c, _ in seen].count)
+        families = {f for c, f in seen}
+        storage = "float" if "float" in families else "uint16" if "uint16" in families else "uint8"
+        return channels, storage
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def decode(self, i: int) -> np.ndarray:
+        """File ``i`` as ``[H, W, C]`` with ``num_channels`` channels; DataError if unreadable."""
+        path = self.files[i]
+        try:
+            if _is_tiff(path):
+                return _tiff_hwc(path, self.num_channels)
+            with Image.open(path) as im:
+                return _pil_array(_pil_to_channels(im, self.num_channels))
+        except DataError:
+            raise
+        except Exception as exc:  # decoders raise many types; all mean "bad file"
+            raise DataError(f"Cannot read image {path} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(self.decode(i)).permute(2, 0, 1)
+        return image, int(self.labels[i])
+
+    def readable(self, i: int, read) -> tuple[object, int, list[str]]:
+        """``read(i)`` for item ``i``, or under ``on_error=skip`` for the next readable item.
+
+        Returns (result, index used, paths that failed on the way). The replacement walks a fixed
+        stride through the dataset, so it does not depend on worker count or timing.
+        """
+        failed: list[str] = []
+        n = len(self.files)
+        stride = 7919 % n or 1  # a prime stride visits other classes before neighbours
+        j = i
+        for _ in range(min(n, 64)):
+            try:
+                return read(j), j, failed
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                failed.append(self.files[j])
+                j = (j + stride) % n
+        raise DataError(f"64 files in a row could not be read under {self.source} (first: {failed[0]}): check the "
+                        f"data.")
+
+    def __repr__(self) -> str:
+        return (f"LazyImageDataset({len(self)} files, {self.num_channels} ch, {self.storage}, "
+                f"{self.num_classes} classes, source={self.source!r})")
+
+
+def _crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of torchvision's RandomResizedCrop, drawn from torch's global RNG."""
+    return v2.RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), list(ratio))  # type: ignore[arg-type]
+
+
+class PretrainCrop:
+    """RandomResizedCrop(size, scale, ratio) + optional flip of a lazily decoded file -> [C, S, S].
+
+    8-bit output stays uint8 (normalised later on the device); 16-bit and float files are cropped
+    as float32 in [0, 1] (Pillow cannot resize multi-channel 16-bit stacks).
+    """
+
+    def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0), *, ratio=(3 / 4, 4 / 3),
+                 interpolation: str = "bicubic", hflip: bool = False, draft: bool = False):
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.mode, self.resample = interpolation_mode(interpolation), _PIL_RESAMPLE[interpolation]
+        self.hflip, self.draft = hflip, draft
+
+    def __call__(self, dataset: LazyImageDataset, i: int) -> torch.Tensor:
+        path = dataset.files[i]
+        try:
+            if dataset.storage == "uint8" and not _is_tiff(path):
+                out = self._crop_pil(path, dataset.num_channels)
+            else:
+                out = self._crop_array(dataset.decode(i), dataset.scale)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
+            raise DataError(f"Cannot read image {path} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
+        if self.hflip and torch.rand(()) < 0.5:
+            out = out.flip(-1)
+        return out
+
+    def _crop_pil(self, path: str, channels: int) -> torch.Tensor:
+        with Image.open(path) as im:
+            width, height = im.size
+            top, left, h, w = _crop_box(width, height, self.scale, self.ratio)
+            reduce = self._draft_factor(im, h, w)
+            if reduce > 1:
+                im.draft(im.mode, (math.ceil(width / reduce), math.ceil(height / reduce)))
+                fx, fy = im.size[0] / width, im.size[1] / height
+                top, left, h, w = top * fy, left * fx, h * fy, w * fx
+            im = _pil_to_channels(im, channels)
+            # crop, then resize: torchvision's resized_crop on PIL images, so the pixels equal the official path's
+            box = (round(left), round(top), round(left + w), round(top + h))
+            out = im.crop(box).resize((self.size, self.size), self.resample)
+        return torch.from_numpy(_pil_array(out)).permute(2, 0, 1).contiguous()
+
+    def _draft_factor(self, im: Image.Image, h: int, w: int) -> int:
+        """Largest JPEG reduction (1, 2, 4, 8) that keeps the box at least 2 x size on its short side."""
+        if not self.draft or im.format != "JPEG":
+            return 1
+        reduce = 1
+        while reduce < 8 and min(h, w) / (reduce * 2) >= 2 * self.size:
+            reduce *= 2
+        return reduce
+
+    def _crop_array(self, hwc: np.ndarray, scale: float) -> torch.Tensor:
+        x = torch.from_numpy(hwc.astype(np.float32)).permute(2, 0, 1)
+        if scale != 1.0:
+            x = x / scale
+        top, left, h, w = _crop_box(x.shape[2], x.shape[1], self.scale, self.ratio)
+        return v2.functional.resized_crop(x, top, left, h, w, [self.size, self.size], interpolation=self.mode,
+                                          antialias=True)
+
+
+class LazyCropDataset(Dataset):
+    """``(index, seed)`` items of the engine's sampler -> ``(crop, label, seed, failed paths)``.
+
+    The crop runs under the sample's own seed (as :class:`~mimkit.engine.sampling.SeededTransformDataset`
+    does for in-memory data); a file that cannot be read is replaced per the dataset's ``on_error``.
+    """
+
+    def __init__(self, dataset: LazyImageDataset, crop: PretrainCrop, seed_to_generator):
+        self.dataset, self.crop, self.seed_to_generator = dataset, crop, seed_to_generator
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+
+        def read(j: int) -> torch.Tensor:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed_to_generator(seed))
+                return self.crop(self.dataset, j)
+
+        image, used, failed = self.dataset.readable(index, read)
+        return image, int(self.dataset.labels[used]), seed, "\n".join(failed)
+
+
+def load_lazy_folder(paths: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train", *,
+                     num_channels: int | None = None, on_error: str = "raise",
+                     cache: Path | None = None) -> LazyImageDataset:
+    """A :class:`LazyImageDataset` over one folder or several roots (classes merged by name)."""
+    roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    index = merge_indices([index_folder(r, split, cache) for r in roots])
+    return LazyImageDataset(index, num_channels, on_error=on_error)
