@@ -379,11 +379,15 @@ class IBOT(nn.Module):
         self.patch_center.mul_(m).add_(patch_mean, alpha=1 - m)
 
     # -- masks ---------------------------------------------------------------------------------
+    def crop_needs_scores(self, q: int) -> bool:
+        """Whether global crop q needs its attention score: an AttMask strategy or the contrastive term."""
+        return self.mask_strategy[q].startswith("attmask_") or self.contrastive_weight > 0
+
     def attention_layers_needed(self) -> list[int]:
         """Teacher blocks whose attention the masks (or the contrastive term) need."""
         layers: set[int] = set()
         for q in range(2):
-            if self.mask_strategy[q].startswith("attmask_") or self.contrastive_weight > 0:
+            if self.crop_needs_scores(q):
                 layers.update(attention_score_layers(self.mask_scores[q], self.mask_layers[q], self.depth))
         return sorted(layers)
 
@@ -396,7 +400,11 @@ class IBOT(nn.Module):
     def draw_masks(
         self, attentions: dict[int, torch.Tensor], batch: int, sample_seeds: torch.Tensor | None, device
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Masks of both global crops [2N, L] bool (crop 1 rows first) and their scores ([N, L] or None)."""
+        """Masks of both global crops [2N, L] bool (crop 1 rows first) and their scores ([N, L] or None).
+
+        A crop gets a score only when it needs one (:meth:`crop_needs_scores`): with per-crop
+        layers, ``attentions`` holds only the blocks of the crops that do.
+        """
         length = self.num_patches
         masks, scores = [], []
         lo, hi = self.mask_ratio_range
@@ -405,7 +413,7 @@ class IBOT(nn.Module):
             u = uniform_noise(sample_seeds, batch, 2 + mask_noise_size(strategy, length), _MASK_STREAM + q, device)
             count = torch.floor(length * (lo + (hi - lo) * u[:, 0])).long()
             count = torch.where(u[:, 1] < self.mask_prob, count, torch.zeros_like(count))
-            s = self.crop_scores(attentions, q, batch) if attentions else None
+            s = self.crop_scores(attentions, q, batch) if self.crop_needs_scores(q) else None
             masks.append(strategy_mask(strategy, count, self.grid_size, u[:, 2:], s, hint_ratio=self.hint_ratio))
             scores.append(s)
         return torch.cat(masks), scores
