@@ -8,13 +8,38 @@ import torch
 torch.set_num_threads(int(os.environ.get("MIMKIT_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "datasets"
+
+
+def shared_dir() -> Path:
+    """The folder of the shared MedMNIST files: ``../shared/datasets`` beside the repository.
+
+    ``MIMKIT_SHARED_DATA=/some/folder`` points the tests elsewhere (e.g. at an empty folder, to
+    check what a machine without the data does). Read on every call, so ``monkeypatch.setenv``
+    works inside a test.
+    """
+    override = os.environ.get("MIMKIT_SHARED_DATA")
+    return Path(override) if override else REPO.parent / "shared" / "datasets"
+
+
+def in_ci() -> bool:
+    """True when the environment variable CI is "true" or "1" (set by ``.ci/run``)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 
 def shared_file(name: str) -> Path:
-    path = SHARED / name
+    """Path of a shared data file; a missing file fails the test under CI and skips it elsewhere.
+
+    On a laptop without the data the tests that need it skip with the reason below. Under CI
+    (CI=true or CI=1) a missing file is a failure, so a CI machine without the data cannot pass
+    by silently skipping half the suite.
+    """
+    path = shared_dir() / name
     if not path.is_file():
-        pytest.skip(f"{path} not found: the shared MedMNIST files must sit in ../shared/datasets")
+        reason = (f"shared data file {path} not found: the MedMNIST files must sit in ../shared/datasets "
+                  f"beside the repository (or set MIMKIT_SHARED_DATA to their folder)")
+        if in_ci():
+            pytest.fail(f"{reason}; CI=true makes missing data a failure, not a skip", pytrace=False)
+        pytest.skip(reason)
     return path
 
 

@@ -1,7 +1,8 @@
 """Tests for mimkit.data: loaders (npz, medmnist cache, digits, folders), stats, transforms.
 
 Real MedMNIST files come from the shared datasets folder next to the repository (never copied
-into it); tests needing them are skipped with a reason when it is absent. No network is used.
+into it); tests needing them are skipped with a reason when it is absent, and fail under CI=true
+(tests/conftest.py::shared_file). No network is used.
 """
 
 from __future__ import annotations
@@ -19,21 +20,34 @@ from mimkit.data import (DataError, ImageDataset, TransformedDataset, build_tran
                          compute_channel_stats, load_dataset)
 from mimkit.data import medmnist
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-BLOOD = SHARED / "bloodmnist.npz"
-PNEUMONIA = SHARED / "pneumoniamnist.npz"
-BREAST = SHARED / "breastmnist.npz"
+from tests.conftest import shared_file
+
+# Names in the shared folder; tests.conftest.shared_file resolves them (skip, or fail under CI).
+BLOOD, PNEUMONIA, BREAST = "bloodmnist.npz", "pneumoniamnist.npz", "breastmnist.npz"
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared dataset {path} not found (expected ../shared/datasets next to the repo)")
-    return path
+def test_missing_shared_file_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIMKIT_SHARED_DATA", str(tmp_path))  # an empty folder: no data there
+    for ci in ("true", "1"):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match=r"breastmnist\.npz not found: .*\.\./shared/datasets "
+                                                        r"beside the repository"):
+            shared_file(BREAST)
+    for ci in (None, "false", ""):
+        if ci is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.skip.Exception, match=r"breastmnist\.npz not found"):
+            shared_file(BREAST)
+    np.savez(tmp_path / BREAST, train_images=np.zeros((1, 2, 2), np.uint8))
+    monkeypatch.setenv("CI", "true")
+    assert shared_file(BREAST) == tmp_path / BREAST  # present: the override folder is used
 
 
 @pytest.fixture(scope="module")
 def blood_train() -> ImageDataset:
-    return load_dataset(_need(BLOOD), "train")
+    return load_dataset(shared_file(BLOOD), "train")
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -50,11 +64,11 @@ def test_bloodmnist_splits_shapes_and_values(blood_train):
     assert ds.class_names[0] == "basophil" and len(ds.class_names) == 8
     assert ds.labels.dtype == torch.long and ds.labels.shape == (11959,)
     assert int(ds.labels.min()) == 0 and int(ds.labels.max()) == 7
-    assert [len(load_dataset(BLOOD, s)) for s in ("val", "test")] == [1712, 3421]
+    assert [len(load_dataset(shared_file(BLOOD), s)) for s in ("val", "test")] == [1712, 3421]
 
     # stored in native uint8, converted to float [C,H,W] / 255 on access
     assert ds.raw(5).dtype == np.uint8
-    with np.load(BLOOD) as z:
+    with np.load(shared_file(BLOOD)) as z:
         ref_img, ref_lab = z["train_images"][5], int(z["train_labels"][5, 0])
     img, lab = ds[5]
     assert img.dtype == torch.float32 and img.shape == (3, 28, 28)
@@ -63,7 +77,7 @@ def test_bloodmnist_splits_shapes_and_values(blood_train):
 
 
 def test_pneumonia_is_one_channel():
-    ds = load_dataset(_need(PNEUMONIA), "test")
+    ds = load_dataset(shared_file(PNEUMONIA), "test")
     assert len(ds) == 624 and ds.num_channels == 1 and ds.num_classes == 2
     assert ds[0][0].shape == (1, 28, 28)
     assert ds.class_names == ["normal", "pneumonia"]
@@ -72,7 +86,7 @@ def test_pneumonia_is_one_channel():
 def test_npz_unknown_split_names_choices():
     with pytest.raises(DataError, match=r"Unknown split 'foo' for breastmnist.npz: choose one "
                                         r"of train, val, test\."):
-        load_dataset(_need(BREAST), "foo")
+        load_dataset(shared_file(BREAST), "foo")
 
 
 def test_generic_npz_multilabel_first_column_and_class_count(tmp_path):
@@ -215,8 +229,7 @@ def _forbid_network(monkeypatch):
 
 
 def test_medmnist_cache_hit_uses_local_file(tmp_path, monkeypatch):
-    _need(BREAST)
-    (tmp_path / "breastmnist.npz").symlink_to(BREAST)
+    (tmp_path / "breastmnist.npz").symlink_to(shared_file(BREAST))
     monkeypatch.setenv("MIMKIT_DATA", str(tmp_path))
     _forbid_network(monkeypatch)
     ds = load_dataset("medmnist:breastmnist", "val")
@@ -337,7 +350,7 @@ def test_pretrain_crop_matches_official_pil_pipeline(blood_train):
     from torchvision.transforms import v2
 
     n = 20
-    raw = np.load(BLOOD)["train_images"][:n]
+    raw = np.load(shared_file(BLOOD))["train_images"][:n]
     ours = build_transform("pretrain", 28, [0.0] * 3, [1.0] * 3, crop_scale=(0.2, 1.0), hflip=True)
     official = T.Compose([
         T.RandomResizedCrop(28, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),

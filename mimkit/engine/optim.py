@@ -48,6 +48,22 @@ def build_optimizer(model: nn.Module, t_cfg, lr: float) -> torch.optim.Optimizer
       weight decay 0, as in official MAE; the 2021 timm copy used by MAE-priv silently skipped it,
       methods.md §0.8). As in official MAE, 1-D parameters (biases, norms) are not adapted and
       get plain momentum SGD.
+
+      The trust ratio is **timm's**, not official MAE's. For a >1-D weight ``w`` with gradient
+      ``g``, weight decay ``wd`` and trust coefficient ``tc = 0.001``, timm computes::
+
+          ratio  = tc * ||w|| / (||g|| + wd * ||w|| + 1e-8)   (1 if ||w|| == 0 or ||g|| == 0)
+          update = ratio * (g + wd * w)
+          buf    = update (first step), else momentum * buf + update;   w -= lr * buf
+
+      Official MAE (``util/lars.py``, from MoCo v3) forms ``u = g + wd * w`` first and divides by
+      the norm of that decayed update: ``ratio = tc * ||w|| / ||u||`` (1 if ``||w||`` or ``||u||``
+      is 0; no eps). The two agree at ``wd = 0`` (up to the eps); for ``wd > 0`` timm's denominator
+      ``||g|| + wd ||w||`` is the triangle-inequality bound of MAE's ``||g + wd w||``: MAE's
+      scaled update always has norm ``tc ||w||``, timm's has at most that (equal only when ``g``
+      is a non-negative multiple of ``w``), so timm's steps are shorter. Exception: with an
+      all-zero gradient and ``wd > 0`` timm's ratio is 1 (a full ``lr * wd * w`` step) where
+      MAE's is ``tc / wd``. tests/test_optim.py pins timm's formula.
     * ``sgd``: momentum SGD (DINO linear probe).
     """
     wd = t_cfg.weight_decay
