@@ -14,8 +14,12 @@ are parsed as YAML (``train.epochs=40``, ``train.betas=[0.9,0.95]``, ``train.cli
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
+import math
+import os
 import inspect
 import types
 import typing
@@ -26,102 +30,115 @@ from typing import Any, Optional
 import yaml
 
 from mimkit.errors import ConfigError
+from mimkit.registry import argument_help, get_preset, model_arguments, resolve_model_kwargs
+
+
+def _key(default: Any, meaning: str) -> Any:
+    """A config field whose one-line ``meaning`` is stored in its metadata (``mimkit config show``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": meaning})
+    return field(default=default, metadata={"help": meaning})
+
+
+def _section(cls: type, meaning: str) -> Any:
+    return field(default_factory=cls, metadata={"help": meaning})
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are augmented for pretraining."""
 
-    path: str = "digits"  # image folder, MedMNIST .npz, "medmnist:NAME" or "digits" (embedded)
-    split: str = "train"  # split used for pretraining
-    mean: Optional[list[float]] = None  # per-channel; computed from the data when null
-    std: Optional[list[float]] = None
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
-    hflip: bool = True
-    interpolation: str = "bicubic"
-    num_workers: int = 0  # 0 = load in the training process (best for in-memory data on few cores)
+    path: str = _key("digits", 'image folder, MedMNIST .npz, "medmnist:NAME[@SIZE]" or "digits" (embedded)')
+    split: str = _key("train", "split used for pretraining")
+    mean: Optional[list[float]] = _key(None, "per-channel mean in [0, 1] units; null = computed from the data")
+    std: Optional[list[float]] = _key(None, "per-channel std (> 0), given together with data.mean")
+    crop_scale: list[float] = _key([0.2, 1.0], "RandomResizedCrop area range [min, max] within (0, 1]")
+    hflip: bool = _key(True, "random horizontal flip during pretraining")
+    interpolation: str = _key("bicubic", "resampling of crops and resizes")
+    num_workers: int = _key(0, "DataLoader workers; 0 = load in the training process (best for in-memory data)")
     # Evaluation (finetune / linprobe / knn): splits and label fractions of the labelled train split.
-    val_split: Optional[str] = "val"  # picks best.pt; null (or a dataset without it) = no validation
-    test_split: str = "test"
-    labels_per_class: Optional[int] = None  # keep N labelled images per class (stratified, seeded)
-    label_fraction: Optional[float] = None  # keep this fraction of each class (at least 1 image per class)
-    label_seed: int = 0  # seed of the label-fraction draw (independent of train.seed)
+    val_split: Optional[str] = _key("val", "evaluation: split that picks best.pt; null (or absent) = no validation")
+    test_split: str = _key("test", "evaluation: split the final metrics are reported on")
+    labels_per_class: Optional[int] = _key(None, "evaluation: keep N labelled train images per class (seeded)")
+    label_fraction: Optional[float] = _key(None, "evaluation: keep this fraction in (0, 1] of each class (>= 1 image)")
+    label_seed: int = _key(0, "seed of the label-fraction draw (independent of train.seed)")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and run mechanics (official MAE defaults where they exist)."""
 
-    epochs: int = 400
-    warmup_epochs: float = 40.0
-    batch_size: int = 64  # per process; effective batch = batch_size * accum_iter * world size
-    accum_iter: int = 1
-    blr: float = 1.5e-4  # base lr; lr = blr * effective batch / 256
-    lr: Optional[float] = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    weight_decay_end: Optional[float] = None  # cosine schedule weight_decay -> this over the run (DINO/iBOT)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    optimizer: str = "adamw"  # adamw | lars (MAE linear probe) | sgd (DINO linear probe)
-    momentum: float = 0.9  # lars / sgd
-    clip_grad: Optional[float] = None  # max gradient norm; null = no clipping (official MAE)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a gradient scaler)
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    save_every: int = 20  # keep checkpoint-EPOCH.pt every N epochs (last.pt is written every epoch)
-    log_every: int = 20  # iterations between log lines (the only host syncs in the loop)
-    resume: bool = True  # continue from output_dir/last.pt when it exists
-    progress: bool = True  # progress bar on the terminal
+    epochs: int = _key(400, "passes over the training split")
+    warmup_epochs: float = _key(40.0, "linear lr warmup length in epochs (then cosine decay to min_lr)")
+    batch_size: int = _key(64, "per process; effective batch = batch_size * accum_iter * world size")
+    accum_iter: int = _key(1, "gradient accumulation steps per optimizer step")
+    blr: float = _key(1.5e-4, "base lr; lr = blr * effective batch / 256")
+    lr: Optional[float] = _key(None, "absolute lr; overrides blr when set")
+    min_lr: float = _key(0.0, "lr at the end of the cosine decay")
+    weight_decay: float = _key(0.05, "decoupled weight decay (not applied to norms and biases)")
+    weight_decay_end: Optional[float] = _key(None, "cosine schedule weight_decay -> this over the run (DINO/iBOT)")
+    betas: list[float] = _key([0.9, 0.95], "AdamW betas, two numbers in [0, 1)")
+    optimizer: str = _key("adamw", "adamw, lars (MAE linear probe) or sgd (DINO linear probe)")
+    momentum: float = _key(0.9, "momentum of lars / sgd")
+    clip_grad: Optional[float] = _key(None, "max gradient norm; null = no clipping (official MAE)")
+    precision: str = _key("fp32", "autocast precision; fp16 also uses a gradient scaler")
+    compile: bool = _key(False, "torch.compile the model")
+    device: str = _key("auto", "auto (GPU when there is one), cpu, cuda or cuda:N")
+    seed: int = _key(0, "seed of initialisation, data order and masks")
+    save_every: int = _key(20, "keep checkpoint-EPOCH.pt every N epochs (last.pt is written every epoch)")
+    log_every: int = _key(20, "iterations between log lines (the only host syncs in the loop)")
+    resume: bool = _key(True, "continue from output_dir/last.pt when it exists")
+    progress: bool = _key(True, "progress bar on the terminal")
 
 
 @dataclass
 class FinetuneConfig:
     """End-to-end fine-tuning (MAE recipe, methods.md §2.4); ignored by pretraining."""
 
-    init: str = "pretrained"  # pretrained | random (same architecture, no weights: the baseline)
-    encoder: Optional[str] = None  # which encoder of the checkpoint (DAMA: student1/student2; iBOT: teacher)
-    global_pool: bool = True  # mean of patch tokens + new fc_norm (MAE default); false = [CLS] after norm
-    img_size: Optional[int] = None  # fine-tune at another size (position table interpolated); null = checkpoint's
-    drop_path: float = 0.1
-    layer_decay: float = 0.75
-    head_init_std: float = 2e-5
-    smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha (MAE ImageNet: 0.8); 0 with cutmix 0 = off
-    cutmix: float = 0.0  # cutmix alpha (MAE ImageNet: 1.0)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = off (1/3-channel data only)
-    reprob: float = 0.25  # RandomErasing probability (mode pixel, count 1)
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    eval_batch_size: int = 256
-    eval_every: int = 1  # epochs between validation passes (always after the last epoch)
+    init: str = _key("pretrained", "pretrained, or random (same architecture, no weights: the baseline)")
+    encoder: Optional[str] = _key(None, "which encoder of the checkpoint (DAMA: student1/student2; iBOT: teacher)")
+    global_pool: bool = _key(True, "mean of patch tokens + new fc_norm (MAE default); false = [CLS] after norm")
+    img_size: Optional[int] = _key(None, "fine-tune at another size (position table interpolated); null = checkpoint's")
+    drop_path: float = _key(0.1, "stochastic depth rate of the last block (linear over blocks), in [0, 1)")
+    layer_decay: float = _key(0.75, "lr multiplier per block from the top, in (0, 1]")
+    head_init_std: float = _key(2e-5, "std of the new classifier head's initial weights")
+    smoothing: float = _key(0.1, "label smoothing, in [0, 1)")
+    mixup: float = _key(0.0, "mixup alpha (MAE ImageNet: 0.8); 0 with cutmix 0 = off")
+    cutmix: float = _key(0.0, "cutmix alpha (MAE ImageNet: 1.0)")
+    mixup_prob: float = _key(1.0, "probability of mixing a batch when mixup or cutmix is on, in [0, 1]")
+    mixup_switch_prob: float = _key(0.5, "probability of cutmix instead of mixup when both are on, in [0, 1]")
+    randaug: Optional[str] = _key("rand-m9-mstd0.5-inc1", "timm RandAugment spec; null = off (1/3-channel data only)")
+    reprob: float = _key(0.25, "RandomErasing probability (mode pixel, count 1), in [0, 1]")
+    crop_scale: list[float] = _key([0.08, 1.0], "RandomResizedCrop area range [min, max] within (0, 1]")
+    eval_batch_size: int = _key(256, "batch size of validation and test passes")
+    eval_every: int = _key(1, "epochs between validation passes (always after the last epoch)")
 
 
 @dataclass
 class LinprobeConfig:
     """Frozen-encoder linear classifier: MAE protocol (BN + linear, LARS) or DINO (last-n [CLS], SGD)."""
 
-    protocol: str = "mae"  # mae | dino
-    encoder: Optional[str] = None
-    init: str = "pretrained"  # pretrained | random (frozen random encoder: the baseline)
-    n_last_blocks: int = 4  # dino: concatenated [CLS] of the last n blocks (after the final norm)
-    avgpool: bool = False  # dino: also append the mean patch token of the last block
-    pool: str = "cls"  # mae: cls | mean
-    cache_features: bool = True  # extract features once (no augmentation); false = frozen encoder + RRC/flip
-    cache_dir: Optional[str] = None  # also keep the extracted features here, shared by runs (lr sweeps)
-    eval_every: int = 1
-    head_init_std: float = 0.01
+    protocol: str = _key("mae", "mae (BN + linear, LARS) or dino (last-n [CLS], SGD)")
+    encoder: Optional[str] = _key(None, "which encoder of the checkpoint (DAMA: student1/student2; iBOT: teacher)")
+    init: str = _key("pretrained", "pretrained, or random (frozen random encoder: the baseline)")
+    n_last_blocks: int = _key(4, "dino: concatenated [CLS] of the last n blocks (after the final norm)")
+    avgpool: bool = _key(False, "dino: also append the mean patch token of the last block")
+    pool: str = _key("cls", "mae: [CLS] token (cls) or mean patch token (mean)")
+    cache_features: bool = _key(True, "extract features once (no augmentation); false = frozen encoder + RRC/flip")
+    cache_dir: Optional[str] = _key(None, "also keep the extracted features here, shared by runs (lr sweeps)")
+    eval_every: int = _key(1, "epochs between validation passes (always after the last epoch)")
+    head_init_std: float = _key(0.01, "std of the linear head's initial weights")
 
 
 @dataclass
 class Config:
-    output_dir: str = "runs/default"
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "mae_vit_tiny_patch4"})
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
+    output_dir: str = _key("runs/default", "folder of checkpoints, logs, metrics and figures")
+    model: dict[str, Any] = _key({"name": "mae_vit_tiny_patch4"},
+                                 "preset name plus constructor overrides (mimkit config show model)")
+    data: DataConfig = _section(DataConfig, "where the images come from and how they are augmented")
+    train: TrainConfig = _section(TrainConfig, "optimisation and run mechanics")
+    finetune: FinetuneConfig = _section(FinetuneConfig, "end-to-end fine-tuning (mimkit finetune)")
+    linprobe: LinprobeConfig = _section(LinprobeConfig, "linear probing (mimkit linprobe)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,9 +199,14 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    """One sentence: the unknown key, the closest valid one (difflib), all valid keys of its section."""
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    listing = f"valid keys here: {', '.join(known)}; mimkit config show {section or '--all'} describes them"
     close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
-    hint = f" Did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
-    return ConfigError(f"Unknown config key {key!r}.{hint} Valid keys here: {', '.join(known)}.")
+    if close:
+        return ConfigError(f"Unknown config key {key!r}: Did you mean {section + '.' if section else ''}{close[0]} "
+                           f"({listing})?")
+    return ConfigError(f"Unknown config key {key!r}: use one of the {listing}.")
 
 
 def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -202,12 +224,9 @@ def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _validate_model(model: dict[str, Any]) -> dict[str, Any]:
-    from mimkit.registry import get_preset, model_arguments
-
     if "name" not in model:
         raise ConfigError("model.name is missing: set it to a preset such as mae_vit_tiny_patch4.")
-    get_preset(model["name"])  # raises with suggestions
-    params = model_arguments(model["name"])
+    params = model_arguments(model["name"])  # raises with suggestions for an unknown preset
     hints = typing.get_type_hints(get_preset(model["name"]).cls.__init__)
     checked = {"name": model["name"]}
     for key, value in model.items():
@@ -219,20 +238,67 @@ def _validate_model(model: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def validate(cfg: Config) -> Config:
-    """Cross-field checks that a type system cannot express."""
-    from mimkit.registry import resolve_model_kwargs
+def _check_range(cfg: Config, key: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    """``section.key`` must lie in the interval (open or closed at each end)."""
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value is None:
+        return
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and \
+        (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must lie in {interval}, got {value}: set {key} to a value in that range.")
 
-    resolved = resolve_model_kwargs(**cfg.model)
+
+# (key, low, high, low open, high open): fractions and probabilities that cannot leave their interval.
+_RANGES = [
+    ("data.label_fraction", 0.0, 1.0, True, False),
+    ("finetune.layer_decay", 0.0, 1.0, True, False),
+    ("finetune.drop_path", 0.0, 1.0, False, True),
+    ("finetune.smoothing", 0.0, 1.0, False, True),
+    ("finetune.mixup_prob", 0.0, 1.0, False, False),
+    ("finetune.mixup_switch_prob", 0.0, 1.0, False, False),
+    ("finetune.reprob", 0.0, 1.0, False, False),
+]
+
+
+def _check_crop_scale(key: str, lo_hi: list[float]) -> None:
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"{key} must be [min, max] with 0 < min <= max <= 1, got {lo_hi}: e.g. {key}=[0.2,1.0].")
+
+
+def _check_stats(d: DataConfig) -> None:
+    """data.mean/data.std: given together, one value per channel each, std finite and > 0."""
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std must be given together (or both left null).")
+    if d.mean is None:
+        return
+    if len(d.mean) != len(d.std) or not d.mean:
+        raise ConfigError(f"data.mean and data.std need one value per channel each, got {len(d.mean)} and "
+                          f"{len(d.std)}: give both the same length.")
+    if not all(math.isfinite(s) and s > 0 for s in d.std):
+        raise ConfigError(f"data.std must be finite and greater than 0 for every channel, got {d.std}: "
+                          f"set positive values, or data.mean=null data.std=null to compute them from the data.")
+    if not all(math.isfinite(m) for m in d.mean):
+        raise ConfigError(f"data.mean must be finite, got {d.mean}: fix it, or set data.mean=null data.std=null.")
+
+
+def _check_model(resolved: dict[str, Any]) -> None:
     ratio = resolved.get("mask_ratio")
     if ratio is not None and not 0.0 < ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio must lie strictly between 0 and 1, got {ratio}.")
+        raise ConfigError(f"model.mask_ratio must lie strictly between 0 and 1, got {ratio}: e.g. model.mask_ratio=0.75.")
     img, patch = resolved.get("img_size"), resolved.get("patch_size")
     if img is not None and patch is not None and img % patch:
         raise ConfigError(
             f"model.img_size {img} is not divisible by the patch size {patch}: "
             f"choose an image size that is a multiple of {patch} (e.g. {img - img % patch or patch})."
         )
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a type system cannot express (all before anything is written)."""
+    _check_model(resolve_model_kwargs(**cfg.model))
     t = cfg.train
     for key in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
         if getattr(t, key) < 1:
@@ -241,27 +307,56 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.warmup_epochs must lie in [0, train.epochs], got {t.warmup_epochs}.")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}.")
-    lo_hi = cfg.data.crop_scale
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-        raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {lo_hi}.")
-    for key in ("mean", "std"):
-        if getattr(cfg.data, key) is not None and (cfg.data.mean is None) != (cfg.data.std is None):
-            raise ConfigError("data.mean and data.std must be given together (or both left null).")
+    _check_crop_scale("data.crop_scale", cfg.data.crop_scale)
+    _check_crop_scale("finetune.crop_scale", cfg.finetune.crop_scale)
+    _check_stats(cfg.data)
     d = cfg.data
     if d.labels_per_class is not None and d.label_fraction is not None:
         raise ConfigError("Set data.labels_per_class or data.label_fraction, not both.")
     if d.labels_per_class is not None and d.labels_per_class < 1:
         raise ConfigError(f"data.labels_per_class must be at least 1, got {d.labels_per_class}.")
-    if d.label_fraction is not None and not 0.0 < d.label_fraction <= 1.0:
-        raise ConfigError(f"data.label_fraction must lie in (0, 1], got {d.label_fraction}.")
-    f = cfg.finetune
-    if len(f.crop_scale) != 2 or not 0 < f.crop_scale[0] <= f.crop_scale[1] <= 1:
-        raise ConfigError(f"finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {f.crop_scale}.")
-    if not 0.0 < f.layer_decay <= 1.0:
-        raise ConfigError(f"finetune.layer_decay must lie in (0, 1], got {f.layer_decay}.")
+    for key, *interval in _RANGES:
+        _check_range(cfg, key, *interval)
     if cfg.linprobe.n_last_blocks < 1:
         raise ConfigError(f"linprobe.n_last_blocks must be at least 1, got {cfg.linprobe.n_last_blocks}.")
     return cfg
+
+
+def validate_knn(k: list[int], temperature: float) -> None:
+    """k-NN settings: every k a whole number >= 1, the temperature finite and > 0."""
+    bad = [x for x in k if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if bad or not k:
+        raise ConfigError(f"--k must be whole numbers of at least 1, got {bad or k}: e.g. --k 10 20.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature must be a finite number greater than 0, got {temperature}: "
+                          f"e.g. --temperature 0.07 (DINO).")
+
+
+def _check_writable(target: Path, folder: Path, what: str) -> None:
+    """``folder`` (``target`` itself, or the folder of an output file) can be created and written."""
+    existing = folder
+    while not existing.exists():  # the first ancestor that exists: the rest is created below it
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == target else f"lies under the file {existing}"
+        raise ConfigError(f"{what} {target} {where}: choose another {what} or move that file away.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {target} cannot be written ({existing} is not writable for this user): choose a "
+                          f"folder you can write to, or fix its permissions.")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> None:
+    """Refuse a run folder that is a file, lies under a file, or cannot be written (before anything starts)."""
+    p = Path(path).expanduser()
+    _check_writable(p, p, what)
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse an output file path that is a folder, lies under a file, or cannot be written."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a folder, not a file: pass a file path such as {p / 'figure.png'}.")
+    _check_writable(p, p.parent, what)
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -346,3 +441,81 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- key reference
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``mimkit config show`` lists it."""
+
+    key: str
+    type: str
+    default: Any
+    meaning: str
+
+    def line(self) -> str:
+        return f"{self.key} ({self.type}, default {json.dumps(self.default)}): {self.meaning}"
+
+
+def _type_text(tp: Any) -> str:
+    """``Optional[list[float]]`` -> ``list[float] or null``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_type_text(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if typing.get_origin(tp) is list:
+        return f"list[{', '.join(_type_text(a) for a in typing.get_args(tp))}]"
+    if tp is inspect.Parameter.empty:
+        return "any"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _section_keys(name: str, cls: type) -> list[KeyInfo]:
+    hints, defaults = typing.get_type_hints(cls), cls()
+    out = []
+    for f in dataclasses.fields(cls):
+        choices = _CHOICES.get((name, f.name))
+        tp = " | ".join(choices) if choices else _type_text(hints[f.name])
+        out.append(KeyInfo(f"{name}.{f.name}", tp, getattr(defaults, f.name), f.metadata["help"]))
+    return out
+
+
+def model_keys(name: str) -> list[KeyInfo]:
+    """``model.*`` keys of preset ``name``: its constructor arguments with the preset's defaults."""
+    defaults = resolve_model_kwargs(name)
+    hints = typing.get_type_hints(get_preset(name).cls.__init__)
+    meanings = argument_help(name)
+    keys = [KeyInfo("model.name", "str", name, f"model preset ({get_preset(name).description}); mimkit models lists them")]
+    for arg, param in model_arguments(name).items():
+        default = defaults.get(arg)
+        meaning = meanings.get(arg, "constructor argument (no description)").rstrip(".")
+        if arg == "in_chans":  # the data decides it unless the config pins it (engine.trainer.prepare_data)
+            meaning += " (pretraining takes it from the data when unset)"
+        keys.append(KeyInfo(f"model.{arg}", _type_text(hints.get(arg, param.annotation)),
+                            list(default) if isinstance(default, tuple) else default, meaning))
+    return keys
+
+
+def config_keys(model_name: str | None = None) -> list[KeyInfo]:
+    """Every key a config may set, in file order: output_dir, model.* (of the preset), data.*, train.* ..."""
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    keys = [KeyInfo("output_dir", "str", top["output_dir"].default, top["output_dir"].metadata["help"])]
+    keys += model_keys(model_name or Config().model["name"])
+    for name, cls in _SECTIONS.items():
+        keys += _section_keys(name, cls)
+    return keys
+
+
+def describe_keys(query: str | None = None, model_name: str | None = None) -> list[str]:
+    """Lines of ``mimkit config show``: one key, a section (``train``, ``model``) or, for None, all keys."""
+    keys = config_keys(model_name)
+    if query is None:
+        return [k.line() for k in keys]
+    query = query.strip().rstrip(".")
+    chosen = [k for k in keys if k.key == query or k.key.startswith(query + ".")]
+    if not chosen:
+        close = difflib.get_close_matches(query, [k.key for k in keys], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"No config key or section {query!r}{hint}: mimkit config show --all lists every key.")
+    return [k.line() for k in chosen]
+

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import load_config
+from mimkit.config import check_output_dir, load_config
+from mimkit.data import load_dataset
+from mimkit.engine.trainer import pretrain
+from mimkit.eval.knn import evaluate_encoder_knn
+from mimkit.loading import build_from_checkpoint
+from mimkit.registry import create_model
+from mimkit.viz.reconstruction import draw_reconstructions
 
 
 def run_demo(out: str | Path = "runs/demo", data: str = "digits", epochs: int | None = None) -> dict:
-    from mimkit.loading import build_from_checkpoint
-    from mimkit.data import load_dataset
-    from mimkit.engine.trainer import pretrain
-    from mimkit.eval.knn import evaluate_encoder_knn
-    from mimkit.registry import create_model
-    from mimkit.viz.reconstruction import draw_reconstructions
-
     out = Path(out)
-    epochs = epochs or (30 if data == "digits" else 5)
+    check_output_dir(out, "--out")
+    if epochs is None:  # 0 is an error for the config check below, not "the default"
+        epochs = 30 if data == "digits" else 5
     overrides = [
         f"output_dir={out}", f"data.path={data}", f"train.epochs={epochs}", f"train.warmup_epochs={max(1, epochs // 10)}",
         "train.batch_size=128", "train.blr=1.5e-3", "train.precision=bf16", "train.resume=false", "train.log_every=5",

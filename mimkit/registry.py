@@ -6,6 +6,7 @@ official release. Small-image presets (``*_patch4``) default to 28-px inputs (Me
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -100,13 +101,54 @@ def model_arguments(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k != "self"}
 
 
+def _docstring_args(doc: str) -> dict[str, str]:
+    """``{argument: meaning}`` from the ``Args:`` section of a Google-style docstring.
+
+    An entry ``a, b: text`` (its text may continue on deeper-indented lines, and a long list of
+    names may wrap before the colon) gives the same meaning to each name.
+    """
+    entries: list[str] = []
+    indent = None
+    inside = False
+    for line in inspect.cleandoc(doc).splitlines():
+        stripped = line.strip()
+        if not line.startswith(" ") and stripped.startswith("Args") and stripped.endswith(":"):
+            inside, indent = True, None
+            continue
+        if not inside or not stripped:
+            inside = inside and bool(stripped)  # a blank line ends the section
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            inside = False
+        elif depth == indent and (not entries or ":" in entries[-1]):
+            entries.append(stripped)
+        else:  # continuation of the text, or of a names list wrapped before its colon
+            entries[-1] += " " + stripped
+    meanings = {}
+    for entry in entries:
+        names, _, text = entry.partition(": ")
+        parts = [n.strip() for n in names.split(",") if n.strip()]
+        if text and all(part.isidentifier() for part in parts):
+            meanings.update({part: text for part in parts})
+    return meanings
+
+
+def argument_help(name: str) -> dict[str, str]:
+    """The documented meaning of each constructor argument of preset ``name`` (its classes' docstrings)."""
+    meanings: dict[str, str] = {}
+    for cls in reversed(get_preset(name).cls.__mro__):  # a subclass's own words win
+        meanings.update(_docstring_args(cls.__doc__ or ""))
+    return meanings
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, PRESETS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(sorted(PRESETS))}."
-        raise ConfigError(f"Unknown model {name!r}.{hint}")
+        if close:
+            raise ConfigError(f"Unknown model {name!r}: Did you mean {', '.join(close)} (mimkit models lists all presets)?")
+        raise ConfigError(f"Unknown model {name!r}: choose one of {', '.join(sorted(PRESETS))} (mimkit models describes them).")
     return PRESETS[name]
 
 
@@ -116,7 +158,8 @@ def resolve_model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"Model {name!r} has no argument {', '.join(unknown)}; valid arguments: {', '.join(allowed)}."
+            f"Model {name!r} has no argument {', '.join(unknown)}: use one of {', '.join(allowed)} "
+            f"(mimkit config show model --model {name} describes them)."
         )
     kwargs = {k: p.default for k, p in allowed.items() if p.default is not inspect.Parameter.empty}
     kwargs.update(get_preset(name).kwargs)

@@ -105,7 +105,7 @@ class ImageDataset(Dataset):
         if labels is None:
             self.labels = torch.full((n,), -1, dtype=torch.long)
         else:
-            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+            self.labels = torch.from_numpy(class_indices(labels, source)).reshape(-1)
             if len(self.labels) != n:
                 raise DataError(f"{source} has {n} images but {len(self.labels)} labels: "
                                 f"give one label per image.")
@@ -126,7 +126,12 @@ class ImageDataset(Dataset):
     @staticmethod
     def _check_dtype(a: np.ndarray, source: str) -> np.ndarray:
         if a.dtype.kind == "f":
-            return a.astype(np.float32, copy=False)
+            a = a.astype(np.float32, copy=False)
+            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+            if bad:  # one NaN pixel turns every loss and feature it touches into NaN
+                raise DataError(f"Images of {source} have {bad} NaN or infinite pixel values: replace them "
+                                f"(e.g. numpy.nan_to_num) or drop those images, then save the data again.")
+            return a
         if a.dtype == np.bool_:
             return a.astype(np.uint8) * np.uint8(255)
         if a.dtype not in (np.uint8, np.uint16):
@@ -146,6 +151,12 @@ class ImageDataset(Dataset):
         if self._scale != 1.0:
             img.mul_(1.0 / self._scale)
         return img, int(self.labels[i])
+
+    def smallest_size(self) -> tuple[int, int]:
+        """(H, W) of the image with the shortest side (all images when they share one size)."""
+        if self.image_size is not None:
+            return self.image_size
+        return min((tuple(int(s) for s in im.shape[:2]) for im in self._images), key=min)
 
     def raw(self, i: int) -> np.ndarray:
         """Stored pixels of image ``i``: ``[H, W, C]`` in the native dtype (no copy)."""
@@ -176,6 +187,32 @@ class ImageDataset(Dataset):
         size = "x".join(map(str, self.image_size)) if self.image_size else "mixed sizes"
         return (f"ImageDataset({len(self)} images, {self.num_channels} ch, {size}, "
                 f"{self.dtype}, {self.num_classes} classes, source={self.source!r})")
+
+
+def class_indices(labels, source: str) -> np.ndarray:
+    """Labels as int64 class indices; whole-valued floats are accepted, anything else is a DataError."""
+    a = np.asarray(labels)
+    if a.dtype.kind in "iub":
+        return a.astype(np.int64)
+    if a.dtype.kind == "f":
+        fractional = ~np.isfinite(a) | (a != np.round(a))
+        if fractional.any():
+            raise DataError(f"{source} has {int(fractional.sum())} labels that are not whole numbers (e.g. "
+                            f"{a[fractional].flat[0]}): store integer class indices 0, 1, ..., or drop the labels "
+                            f"to use the images unlabelled.")
+        return a.astype(np.int64)
+    example = a.flat[0].item() if a.size else ""
+    raise DataError(f"{source} has labels of type {a.dtype} (e.g. {example!r}): store integer class indices 0, 1, "
+                    f"... (map each class name to its index), or drop the labels to use the images unlabelled.")
+
+
+def check_patch_fits(dataset: ImageDataset, patch_size: int) -> None:
+    """Refuse images whose shorter side is below one patch: resized up, they hold less than one token of detail."""
+    h, w = dataset.smallest_size()
+    if min(h, w) < patch_size:
+        raise DataError(f"{dataset.source} has images of {h}x{w} pixels, smaller than one {patch_size}x{patch_size} "
+                        f"patch: use images at least {patch_size} pixels on each side, or a model with a smaller "
+                        f"patch_size.")
 
 
 # ----------------------------------------------------------------------------- reading images
@@ -325,6 +362,7 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> ImageDataset:
             all_labels = {k: _first_column(npz[k]) for k in label_keys}
         except Exception as e:
             raise DataError(f"Cannot read {p} ({e}): the file is damaged, get it again.") from e
+    all_labels = {k: class_indices(v, f"{p} [{k}]") for k, v in all_labels.items()}
 
     if images.ndim == 4 and images.shape[-1] > MAX_CHANNELS and images.shape[1] <= MAX_CHANNELS:
         images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # [N, C, H, W] -> NHWC

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mimkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -25,9 +27,31 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (this process's GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    A device this machine does not have is a ConfigError, raised before anything runs on it.
+    """
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N (train.device or --device).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name!r} needs a GPU, but PyTorch sees none on this machine: use "
+                          f"train.device=cpu (or --device cpu), or auto to take a GPU only when there is one.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return device
+
+
+def precision_note(precision: str, device: torch.device) -> str | None:
+    """A warning when ``precision`` is far slower than fp32 on ``device`` (fp16 autocast on a CPU), else None."""
+    if precision == "fp16" and device.type == "cpu":
+        return ("train.precision=fp16 on a CPU runs about 10x slower than fp32 (CPUs have no fast fp16 math): "
+                "use train.precision=fp32 on CPUs.")
+    return None
 
 
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:

@@ -10,8 +10,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from mimkit.config import validate_knn
+from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, load_dataset, stats_for
+from mimkit.data.sources import check_patch_fits
+from mimkit.errors import DataError
 from mimkit.eval.features import extract_features
 
 
@@ -45,7 +50,8 @@ def weighted_knn(
         targets = test_labels[start : start + chunk_size]
         sims, idx = (feats @ train.T).topk(k_max, dim=1)  # sorted, most similar first
         neighbours = train_labels[idx]  # [B, k_max]
-        weights = (sims / temperature).exp()
+        # exp(s / T) relative to the best neighbour: the same argmax, but no float32 overflow at small T
+        weights = ((sims - sims[:, :1]) / temperature).exp()
         one_hot = F.one_hot(neighbours, num_classes).float() * weights.unsqueeze(-1)  # [B, k_max, C]
         for kk in ks:
             scores = one_hot[:, :kk].sum(dim=1)  # [B, C]
@@ -59,6 +65,25 @@ def weighted_knn(
         if num_classes > 5:
             results[kk]["top5"] = 100.0 * correct5[kk] / n
     return results
+
+
+def _bank_and_queries(encoder, data: str, train_split: str, test_split: str, data_cfg, log):
+    """The labelled train split (bank, label fraction applied) and the test split (queries), checked
+    against the encoder: same channel count, images no smaller than a patch."""
+    train = load_dataset(data, train_split)
+    test = load_dataset(data, test_split)
+    for ds in (train, test):
+        if len(ds) and bool((ds.labels < 0).any()):
+            raise DataError(f"{ds.source} has unlabelled images: k-NN needs class sub-folders or a labelled .npz.")
+    if train.num_channels != encoder.in_chans:
+        raise DataError(f"The encoder was trained on {encoder.in_chans}-channel images but {data} has "
+                        f"{train.num_channels}-channel images: k-NN cannot change the channels of frozen features, so use data "
+                        f"with {encoder.in_chans} channels, or mimkit finetune, which adapts the patch embedding.")
+    check_patch_fits(train, encoder.patch_size)
+    check_patch_fits(test, encoder.patch_size)
+    if data_cfg is not None:
+        train = apply_label_fraction(train, data_cfg, log=log)
+    return train, test
 
 
 def evaluate_encoder_knn(
@@ -82,21 +107,17 @@ def evaluate_encoder_knn(
     Images are normalised with ``stats`` (the pretraining statistics) or, when None, with
     statistics computed on the train split. ``data_cfg`` (a DataConfig) may restrict the bank to
     a label fraction (``labels_per_class`` / ``label_fraction``). Under torchrun the features are
-    computed in shards and all-gathered, so every rank holds the whole bank. Returns a JSON-ready dict.
+    computed in shards and all-gathered, so every rank holds the whole bank. A k above the bank
+    size is clamped to it, with a printed note. Returns a JSON-ready dict.
     """
-    from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, load_dataset, stats_for
-
-    train = load_dataset(data, train_split)
-    test = load_dataset(data, test_split)
-    if train.num_classes == 0:
-        from mimkit.errors import MimkitError
-
-        raise MimkitError(f"{data} has no labels: k-NN needs class sub-folders or a labelled .npz.")
-    if data_cfg is not None:
-        import torch.distributed as dist
-
-        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        train = apply_label_fraction(train, data_cfg, log=print if main else None)
+    validate_knn(list(k), temperature)
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    log = print if main else None
+    train, test = _bank_and_queries(encoder, data, train_split, test_split, data_cfg, log)
+    too_big = sorted(x for x in set(k) if x > len(train))
+    if too_big and log:
+        log(f"note: k = {', '.join(map(str, too_big))} exceeds the {len(train)} images of the bank; "
+            f"reported as k = {len(train)}")
     stats = stats_for(train, stats)
     transform = build_transform("eval", encoder.img_size, stats["mean"], stats["std"])
     kwargs = dict(pool=pool, final_norm=final_norm, batch_size=batch_size, device=device)
