@@ -3,6 +3,8 @@
     mimkit finetune --checkpoint runs/mae/last.pt --data bloodmnist.npz train.epochs=20
 
 The model is :class:`mimkit.models.classifier.ViTClassifier` (pooled features + linear head).
+The validation and test splits are read and checked before the first step (a corrupt test image
+fails at once, not after training) and reused for scoring.
 Recipe pieces all come from timm: layer-decay parameter groups, Mixup/CutMix,
 SoftTargetCrossEntropy / LabelSmoothingCrossEntropy, RandAugment, RandomErasing. The engine
 (:mod:`mimkit.engine.trainer`) does warmup + cosine, AdamW, precision, DDP and checkpoints; after
@@ -32,9 +34,11 @@ from mimkit.checkpoint import load_file
 from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, stats_for
 from mimkit.data.transforms import interpolation_mode
 from mimkit.engine.distributed import resolve_device
-from mimkit.engine.trainer import TrainingSetup, run_training
-from mimkit.errors import CheckpointError, ConfigError
-from mimkit.eval.common import fit_batch_to_data, load_labelled_split, score_best_and_last
+from mimkit.engine.trainer import TrainingSetup
+from mimkit.errors import CheckpointError, ConfigError, DataError
+from mimkit.eval.common import (
+    EvalSplits, fit_batch_to_data, load_eval_splits, load_labelled_split, score_best_and_last, train_then_keep,
+)
 from mimkit.eval.metrics import classification_metrics, write_metrics
 from mimkit.loading import detect_format, load_encoder
 from mimkit.models.classifier import ViTClassifier, build_classifier_from_checkpoint, transfer_encoder_weights
@@ -126,10 +130,12 @@ def _build_mixup(f_cfg, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
-def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False):
-    """The :class:`~mimkit.engine.trainer.TrainingSetup` of a fine-tuning run."""
+def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = None,
+                   allow_pickle: bool = False) -> tuple[TrainingSetup, EvalSplits]:
+    """The :class:`~mimkit.engine.trainer.TrainingSetup` of a fine-tuning run, and its val/test splits."""
     f_cfg, log = cfg.finetune, (print if di.is_main else None)
     train = load_labelled_split(cfg.data.path, cfg.data.split)
+    splits = load_eval_splits(cfg, train, log)  # before anything slow: a bad split fails at once
     train = apply_label_fraction(train, cfg.data, log=log)
     fit_batch_to_data(cfg, len(train), log)
     source, recorded = load_encoder(checkpoint, model_name, allow_pickle, encoder=f_cfg.encoder, verbose=di.is_main)
@@ -162,8 +168,7 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     transform = FinetuneTransform(kwargs["img_size"], stats["mean"], stats["std"], crop_scale=f_cfg.crop_scale,
                                   hflip=cfg.data.hflip, randaug=f_cfg.randaug, reprob=f_cfg.reprob,
                                   interpolation=cfg.data.interpolation)
-    val = load_labelled_split(cfg.data.path, cfg.data.val_split, required=False) if cfg.data.val_split else None
-    evaluate = None
+    val, evaluate = splits.val, None
     if val is not None:
         eval_transform = build_transform("eval", kwargs["img_size"], stats["mean"], stats["std"])
 
@@ -177,20 +182,18 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
             return {"score": metrics["top1"], "val_top1": metrics["top1"], "val_auc": metrics["auc"]}
 
         evaluate = evaluate_val
-    elif log:
-        log(f"no {cfg.data.val_split!r} split: best.pt is not kept (only last.pt)")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     description = (f"ViT ({n_params:.1f}M params, {'global pool' if f_cfg.global_pool else '[CLS]'}, "
                    f"layer decay {f_cfg.layer_decay}, init {f_cfg.init}) on {cfg.data.path} [{len(train)} "
                    f"labelled images, {train.num_classes} classes]")
-    return TrainingSetup(model, train, transform, model_config, stats, "finetune", description, evaluate,
-                         extra={"source_checkpoint": str(checkpoint)})
+    setup = TrainingSetup(model, train, transform, model_config, stats, "finetune", description, evaluate,
+                          extra={"source_checkpoint": str(checkpoint)})
+    return setup, splits
 
 
-def evaluate_classifier(model: ViTClassifier, data: str, split: str, stats, *, batch_size: int = 256,
-                        device="cpu", precision: str = "fp32") -> dict[str, Any]:
-    """Metrics of a classifier on one split (see :func:`mimkit.eval.metrics.classification_metrics`)."""
-    ds = load_labelled_split(data, split)
+def evaluate_classifier(model: ViTClassifier, ds, stats, *, batch_size: int = 256, device="cpu",
+                        precision: str = "fp32") -> dict[str, Any]:
+    """Metrics of a classifier on a labelled dataset (see :func:`mimkit.eval.metrics.classification_metrics`)."""
     transform = build_transform("eval", model.img_size, stats["mean"], stats["std"])
     logits, labels = predict(model, ds, transform, batch_size=batch_size, device=device, precision=precision)
     return classification_metrics(logits, labels, ds.class_names)
@@ -198,7 +201,8 @@ def evaluate_classifier(model: ViTClassifier, data: str, split: str, stats, *, b
 
 def run_finetune(cfg, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """Fine-tune, then score best.pt (and last.pt) on the test split; writes ``finetune_metrics.json``."""
-    summary = run_training(cfg, lambda c, di, dev: finetune_setup(c, di, dev, checkpoint, model_name, allow_pickle))
+    summary, splits = train_then_keep(
+        cfg, lambda c, di, dev: finetune_setup(c, di, dev, checkpoint, model_name, allow_pickle))
     if int(os.environ.get("RANK", "0")) != 0:
         return summary
     out = Path(cfg.output_dir)
@@ -210,24 +214,50 @@ def run_finetune(cfg, checkpoint: str, model_name: str | None = None, allow_pick
 
     def score(obj: dict[str, Any], path: Path) -> dict[str, Any]:
         model = build_classifier_from_checkpoint(obj, str(path)).to(device)
-        return evaluate_classifier(model, cfg.data.path, cfg.data.test_split, obj["data_stats"],
-                                   batch_size=cfg.finetune.eval_batch_size, device=device,
-                                   precision=cfg.train.precision)
+        return evaluate_classifier(model, splits.test, obj["data_stats"], batch_size=cfg.finetune.eval_batch_size,
+                                   device=device, precision=cfg.train.precision)
 
     return score_best_and_last(result, out, "finetune_metrics", score)
 
 
-def evaluate_finetuned_checkpoint(cfg, checkpoint: str, allow_pickle: bool = False) -> dict[str, Any]:
-    """``mimkit finetune --eval``: score a fine-tuned mimkit checkpoint on ``data.test_split``, write JSON."""
+def eval_output_path(cfg, checkpoint: str, output_dir: str | Path | None = None) -> Path:
+    """Where ``finetune --eval`` writes its metrics JSON.
+
+    An explicit output folder (``output_dir``, or ``cfg.output_dir`` when it differs from the
+    fine-tuning default) gets ``eval_metrics.json``, as a run folder does. Otherwise the file goes
+    beside the checkpoint as ``eval_<checkpoint stem>_<data name>_<split>.json``: one per
+    (checkpoint, data, split), so evaluations neither land in the working directory nor
+    overwrite each other.
+    """
+    if output_dir is None and cfg.output_dir != FINETUNE_DEFAULTS["output_dir"]:
+        output_dir = cfg.output_dir
+    if output_dir is not None:
+        return Path(output_dir) / "eval_metrics.json"
+    data_name = Path(str(cfg.data.path).replace(":", "_")).stem or "data"
+    return Path(checkpoint).resolve().parent / f"eval_{Path(checkpoint).stem}_{data_name}_{cfg.data.test_split}.json"
+
+
+def evaluate_finetuned_checkpoint(cfg, checkpoint: str, allow_pickle: bool = False,
+                                  output_dir: str | Path | None = None) -> dict[str, Any]:
+    """``mimkit finetune --eval``: score a fine-tuned mimkit checkpoint on ``data.test_split``.
+
+    Writes the metrics JSON beside the checkpoint unless an output folder is given (see
+    :func:`eval_output_path`); ``result["metrics_json"]`` is its path.
+    """
     obj = load_file(checkpoint, allow_pickle)
     if detect_format(obj) != "mimkit-finetuned":
         raise CheckpointError(f"Checkpoint {checkpoint} is not a fine-tuned mimkit classifier: --eval scores the "
                               f"best.pt/last.pt of a 'mimkit finetune' run (drop --eval to fine-tune it).")
     device = resolve_device(cfg.train.device)
     model = build_classifier_from_checkpoint(obj, checkpoint).to(device)
-    metrics = evaluate_classifier(model, cfg.data.path, cfg.data.test_split, obj["data_stats"],
-                                  batch_size=cfg.finetune.eval_batch_size, device=device, precision=cfg.train.precision)
+    test = load_labelled_split(cfg.data.path, cfg.data.test_split)
+    if test.num_channels != model.in_chans:
+        raise DataError(f"Checkpoint {checkpoint} classifies {model.in_chans}-channel images but {cfg.data.path} "
+                        f"has {test.num_channels}: evaluate it on data with the channels it was fine-tuned on.")
+    metrics = evaluate_classifier(model, test, obj["data_stats"], batch_size=cfg.finetune.eval_batch_size,
+                                  device=device, precision=cfg.train.precision)
     result = {"task": "finetune-eval", "checkpoint": str(checkpoint), "data": cfg.data.path,
               "test_split": cfg.data.test_split, "epoch": obj["epoch"] + 1, "metrics": metrics}
-    result["metrics_json"] = str(write_metrics(result, cfg.output_dir, "eval_metrics"))
+    path = eval_output_path(cfg, checkpoint, output_dir)
+    result["metrics_json"] = str(write_metrics(result, path.parent, path.stem))
     return result

@@ -11,13 +11,13 @@ Two protocols (``linprobe.protocol``):
 
 With ``linprobe.cache_features=true`` (default) features are extracted once without augmentation
 and the head trains on them, so a sweep costs seconds (``linprobe.cache_dir`` keeps them on disk
-for later runs); ``false`` runs the frozen encoder every step with RandomResizedCrop + flip.
+for later runs, see :func:`mimkit.eval.features.cached_features`); ``false`` runs the frozen
+encoder every step with RandomResizedCrop + flip. The val and test splits are read and encoded
+before the first step, so a bad split fails at once; the test features score best.pt and last.pt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mimkit.checkpoint import extract_state_dict, save_atomic
-from mimkit.data import TransformedDataset, apply_label_fraction, build_transform, stats_for
+import mimkit
+from mimkit.checkpoint import extract_state_dict
+from mimkit.data import apply_label_fraction, build_transform, stats_for
 from mimkit.engine.distributed import resolve_device
-from mimkit.engine.trainer import TrainingSetup, run_training
+from mimkit.engine.trainer import TrainingSetup
 from mimkit.errors import ConfigError
-from mimkit.eval.common import fit_batch_to_data, load_labelled_split, score_best_and_last
-from mimkit.eval.features import extract_features, probe_features
+from mimkit.eval.common import (
+    fit_batch_to_data, load_eval_splits, load_labelled_split, score_best_and_last, train_then_keep,
+)
+from mimkit.eval.features import cached_features, labels_digest, path_fingerprint, probe_feature_dim, probe_features
 from mimkit.eval.metrics import classification_metrics
 from mimkit.loading import load_encoder
 from mimkit.methods.base import StepOutput
@@ -91,10 +94,12 @@ class LinearProbe(nn.Module):
 
 
 class FeatureDataset(Dataset):
-    """(feature [D], label) pairs held in memory; has ``labels``/``num_classes`` like ImageDataset."""
+    """(feature [D], label) pairs held in memory; has ``labels``/``num_classes``/``class_names`` like ImageDataset."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 class_names: list[str] | None = None):
         self.features, self.labels, self.num_classes = features, labels, num_classes
+        self.class_names = class_names
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -113,32 +118,22 @@ def feature_kwargs(l_cfg) -> dict[str, Any]:
     return dict(pool=l_cfg.pool, final_norm=True, n_last_blocks=1, avgpool=False)
 
 
-def cached_features(encoder, dataset, stats, kwargs, *, cache_key: dict | None, cache_dir: str | None,
-                    device, precision: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``dataset`` under the eval transform, read from / written to ``cache_dir`` when given."""
-    path = None
-    if cache_dir and cache_key is not None:
-        digest = hashlib.sha1(json.dumps(cache_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = Path(cache_dir) / f"features_{digest}.pt"
-        if path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if log:
-                log(f"features read from {path}")
-            return blob["features"], blob["labels"]
-    transform = build_transform("eval", encoder.img_size, stats["mean"], stats["std"])
-    feats, labels = extract_features(encoder, TransformedDataset(dataset, transform), device=device,
-                                     precision=precision, **kwargs)
-    if path is not None and int(os.environ.get("RANK", "0")) == 0:
-        save_atomic({"features": feats, "labels": labels, "key": cache_key}, path)
-    return feats, labels
-
-
 def _cache_key(cfg, checkpoint: str, kwargs: dict, stats: dict) -> dict | None:
-    """What the features depend on (None for a random encoder: never cached)."""
+    """What every split's features depend on (None for a random encoder: never cached).
+
+    The data and checkpoint enter by content fingerprint (:func:`~mimkit.eval.features.path_fingerprint`),
+    not only by name, and the precision changes the numbers, so both are part of the key.
+    """
     if cfg.linprobe.init == "random":
         return None
-    return {"checkpoint": str(Path(checkpoint).resolve()), "mtime": os.path.getmtime(checkpoint),
-            "encoder": cfg.linprobe.encoder, "data": cfg.data.path, **kwargs, "stats": stats}
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_fingerprint": path_fingerprint(checkpoint),
+            "encoder": cfg.linprobe.encoder, "data": cfg.data.path, "data_fingerprint": path_fingerprint(cfg.data.path),
+            "precision": cfg.train.precision, "mimkit": mimkit.__version__, **kwargs, "stats": stats}
+
+
+def _split_key(key: dict | None, split: str, dataset, **extra) -> dict | None:
+    """The cache key of one split: the run's key, the split's name, size and labels (and ``extra``)."""
+    return key and {**key, "split": split, "n": len(dataset), "labels": labels_digest(dataset.labels), **extra}
 
 
 def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
@@ -155,10 +150,16 @@ def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
     return encoder, recorded
 
 
-def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = None, allow_pickle: bool = False):
-    """The :class:`~mimkit.engine.trainer.TrainingSetup` of a linear probe."""
+def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = None,
+                   allow_pickle: bool = False) -> tuple[TrainingSetup, FeatureDataset]:
+    """The :class:`~mimkit.engine.trainer.TrainingSetup` of a linear probe, and the test split's features.
+
+    The val and test splits are read, checked and encoded here, before the first step.
+    """
     l_cfg, log = cfg.linprobe, (print if di.is_main else None)
-    train = apply_label_fraction(load_labelled_split(cfg.data.path, cfg.data.split), cfg.data, log=log)
+    train = load_labelled_split(cfg.data.path, cfg.data.split)
+    splits = load_eval_splits(cfg, train, log)
+    train = apply_label_fraction(train, cfg.data, log=log)
     fit_batch_to_data(cfg, len(train), log)
     encoder, recorded = _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log)
     if encoder.in_chans != train.num_channels:
@@ -167,43 +168,49 @@ def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     encoder.to(device)
     stats = stats_for(train, recorded)
     kwargs = feature_kwargs(l_cfg)
-    dim = encoder.embed_dim * (kwargs["n_last_blocks"] + int(kwargs["avgpool"]))
-    batchnorm = l_cfg.protocol == "mae"
-    val = load_labelled_split(cfg.data.path, cfg.data.val_split, required=False) if cfg.data.val_split else None
     key = _cache_key(cfg, checkpoint, kwargs, stats)
-    feature_args = dict(cache_dir=l_cfg.cache_dir, device=device, precision=cfg.train.precision, log=log)
+
+    def features(ds, split: str, **extra) -> FeatureDataset:
+        x, y = cached_features(encoder, ds, stats, kwargs, cache_key=_split_key(key, split, ds, **extra),
+                               cache_dir=l_cfg.cache_dir, device=device, precision=cfg.train.precision, log=log)
+        return FeatureDataset(x, y, ds.num_classes, ds.class_names)
+
+    test = features(splits.test, cfg.data.test_split)
+    val = features(splits.val, cfg.data.val_split) if splits.val is not None else None
+    dim = probe_feature_dim(encoder, **kwargs)
     if l_cfg.cache_features:
-        train_key = key and {**key, "split": cfg.data.split, "n": len(train),
-                             "subset": [cfg.data.labels_per_class, cfg.data.label_fraction, cfg.data.label_seed]}
-        feats, labels = cached_features(encoder, train, stats, kwargs, cache_key=train_key, **feature_args)
-        dataset, transform = FeatureDataset(feats, labels, train.num_classes), _identity
-        model = LinearProbe(dim, train.num_classes, batchnorm=batchnorm, init_std=l_cfg.head_init_std)
+        subset = [cfg.data.labels_per_class, cfg.data.label_fraction, cfg.data.label_seed]
+        dataset, transform = features(train, cfg.data.split, subset=subset), _identity
+        model = LinearProbe(dim, train.num_classes, batchnorm=l_cfg.protocol == "mae", init_std=l_cfg.head_init_std)
     else:
         dataset = train
         transform = build_transform("pretrain", encoder.img_size, stats["mean"], stats["std"],
                                     crop_scale=(0.08, 1.0), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation)
-        model = LinearProbe(dim, train.num_classes, batchnorm=batchnorm, init_std=l_cfg.head_init_std,
+        model = LinearProbe(dim, train.num_classes, batchnorm=l_cfg.protocol == "mae", init_std=l_cfg.head_init_std,
                             encoder=encoder, feature_kwargs=kwargs)
     model.to(device)
-    evaluate = None
-    if val is not None:
-        val_key = key and {**key, "split": cfg.data.val_split}
-        val_x, val_y = cached_features(encoder, val, stats, kwargs, cache_key=val_key, **feature_args)
-
-        def evaluate_val(m: nn.Module, epoch: int) -> dict[str, float] | None:
-            if (epoch + 1) % l_cfg.eval_every and epoch + 1 != cfg.train.epochs:
-                return None
-            metrics = classification_metrics(head_logits(m, val_x.to(device)), val_y)
-            return {"score": metrics["top1"], "val_top1": metrics["top1"], "val_auc": metrics["auc"]}
-
-        evaluate = evaluate_val
     description = (f"linear probe ({l_cfg.protocol} protocol, {dim}-d features, "
                    f"{'cached' if l_cfg.cache_features else 'augmented'}, init {l_cfg.init}) on {cfg.data.path} "
                    f"[{len(train)} labelled images, {train.num_classes} classes]")
     model_config = {"name": "linear_probe", "feature_dim": dim, "num_classes": train.num_classes,
-                    "batchnorm": batchnorm, **kwargs}
-    return TrainingSetup(model, dataset, transform, model_config, stats, "linprobe", description, evaluate,
-                         extra={"source_checkpoint": str(checkpoint)})
+                    "batchnorm": l_cfg.protocol == "mae", **kwargs}
+    setup = TrainingSetup(model, dataset, transform, model_config, stats, "linprobe", description,
+                          _val_evaluator(cfg, val, device), extra={"source_checkpoint": str(checkpoint)})
+    return setup, test
+
+
+def _val_evaluator(cfg, val: FeatureDataset | None, device):
+    """The engine's per-epoch validation on the val features (None without a val split: no best.pt)."""
+    if val is None:
+        return None
+
+    def evaluate_val(m: nn.Module, epoch: int) -> dict[str, float] | None:
+        if (epoch + 1) % cfg.linprobe.eval_every and epoch + 1 != cfg.train.epochs:
+            return None
+        metrics = classification_metrics(head_logits(m, val.features.to(device)), val.labels)
+        return {"score": metrics["top1"], "val_top1": metrics["top1"], "val_auc": metrics["auc"]}
+
+    return evaluate_val
 
 
 @torch.no_grad()
@@ -220,32 +227,23 @@ def run_linprobe(cfg, checkpoint: str, model_name: str | None = None, allow_pick
     """Train the probe, then score best.pt (and last.pt) on the test split; writes ``linprobe_metrics.json``."""
     if cfg.linprobe.protocol == "dino" and cfg.train.optimizer == "lars":
         cfg.train.optimizer = "sgd"  # the DINO protocol trains its head with SGD
-    summary = run_training(cfg, lambda c, di, dev: linprobe_setup(c, di, dev, checkpoint, model_name, allow_pickle))
+    summary, test = train_then_keep(
+        cfg, lambda c, di, dev: linprobe_setup(c, di, dev, checkpoint, model_name, allow_pickle))
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     out, device = Path(cfg.output_dir), resolve_device(cfg.train.device)
-    encoder, _ = _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, None)
-    encoder.to(device)
-    test = load_labelled_split(cfg.data.path, cfg.data.test_split)
     result: dict[str, Any] = {"task": "linprobe", "checkpoint": str(checkpoint), "data": cfg.data.path,
                               "protocol": cfg.linprobe.protocol, "init": cfg.linprobe.init,
                               "labels_per_class": cfg.data.labels_per_class,
                               "label_fraction": cfg.data.label_fraction, "train": summary}
-    test_features: dict[str, torch.Tensor] = {}
 
     def score(obj: dict[str, Any], path: Path) -> dict[str, Any]:
         mc = obj["model_config"]
-        if not test_features:  # best and last share the encoder, so the test features are computed once
-            kwargs = {k: mc[k] for k in ("pool", "final_norm", "n_last_blocks", "avgpool")}
-            key = _cache_key(cfg, checkpoint, kwargs, obj["data_stats"])
-            test_features["x"], test_features["y"] = cached_features(
-                encoder, test, obj["data_stats"], kwargs, cache_key=key and {**key, "split": cfg.data.test_split},
-                cache_dir=cfg.linprobe.cache_dir, device=device, precision=cfg.train.precision, log=None)
         probe = LinearProbe(mc["feature_dim"], mc["num_classes"], batchnorm=mc["batchnorm"])
         probe.load_state_dict({k: v for k, v in extract_state_dict(obj).items() if not k.startswith("encoder.")},
                               strict=True)
         probe.to(device)
-        logits = head_logits(probe, test_features["x"].to(device))
-        return classification_metrics(logits, test_features["y"], test.class_names)
+        logits = head_logits(probe, test.features.to(device))
+        return classification_metrics(logits, test.labels, test.class_names)
 
     return score_best_and_last(result, out, "linprobe_metrics", score)

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.attention import attention_rollout, discard_lowest, fuse_heads, normalise_by_max
+from mimkit.data import TransformedDataset, build_transform
 from mimkit.masking import attmask, sample_uniform
 from mimkit.models.vit import MaskedViT
 from mimkit.viz import save_figure
+from mimkit.viz.reconstruction import _to_display, pick_images
 
 
 @torch.no_grad()
@@ -75,11 +77,8 @@ def draw_attention(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mimkit.data import TransformedDataset, build_transform
-    from mimkit.viz.reconstruction import _to_display
-
     transform = build_transform("eval", encoder.img_size, mean, std)
-    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
+    picks = pick_images(dataset, num_images, torch.Generator().manual_seed(seed)).tolist()
     data = TransformedDataset(dataset, transform)
     images = torch.stack([data[i][0] for i in picks])
     device = next(encoder.parameters()).device

@@ -13,9 +13,10 @@ from typing import Sequence
 
 import torch
 
+from mimkit.data import build_transform
 from mimkit.methods.dama import DAMA
 from mimkit.viz import save_figure
-from mimkit.viz.reconstruction import _to_display
+from mimkit.viz.reconstruction import _to_display, pick_images
 
 # Categories of the overlap column, in the order of their codes 0..3.
 _OVERLAP_LABELS = ("visible to both", "student 1 only", "student 2 only", "masked for both")
@@ -90,11 +91,8 @@ def draw_dama_masks(
     *, num_images: int = 6, seed: int = 2, title: str = "",
 ) -> Path:
     """Pick ``num_images`` images of an ImageDataset (seeded), run one DAMA step and write the figure."""
-    from mimkit.data import build_transform
-
     transform = build_transform("eval", model.student1.img_size, mean, std)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:num_images]
+    idx = pick_images(dataset, num_images, torch.Generator().manual_seed(seed))
     images = torch.stack([transform(dataset[i][0]) for i in idx.tolist()])
     panels = dama_mask_panels(model, images, sample_seeds=idx + seed * 1_000_003)
     return save_mask_figure(images, panels, mean, std, path, title)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from mimkit.data import build_transform
 from mimkit.methods.mae import MAE
 from mimkit.models.patches import patchify, unpatchify
 from mimkit.viz import save_figure
@@ -41,6 +42,18 @@ def reconstruction_panels(model: MAE, images: torch.Tensor, noise: torch.Tensor 
         "reconstruction + visible": images * (1 - pixel_mask) + recon * pixel_mask,
         "mask": pixel_mask,
     }
+
+
+def pick_images(dataset, num_images: int, generator: torch.Generator, log=print) -> torch.Tensor:
+    """[min(num_images, len)] distinct indices of ``dataset``, seeded by ``generator``.
+
+    A split smaller than ``num_images`` is drawn whole, with a note, so the figure's row count
+    is never a silent surprise.
+    """
+    if num_images > len(dataset) and log:
+        log(f"{getattr(dataset, 'source', 'the split')} has only {len(dataset)} images: the figure shows all of "
+            f"them, not {num_images}")
+    return torch.randperm(len(dataset), generator=generator)[:num_images]
 
 
 def _to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
@@ -90,11 +103,9 @@ def draw_reconstructions(
     *, num_images: int = 6, seed: int = 2, title: str = "",
 ) -> Path:
     """Pick ``num_images`` images of an ImageDataset (seeded), mask them at random and write the figure."""
-    from mimkit.data import build_transform
-
     transform = build_transform("eval", model.img_size, mean, std)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:num_images].tolist()
+    idx = pick_images(dataset, num_images, g).tolist()
     images = torch.stack([transform(dataset[i][0]) for i in idx])
     noise = torch.rand(images.shape[0], model.num_patches, generator=g)
     return save_reconstruction_figure(reconstruction_panels(model, images, noise), mean, std, path, title)
