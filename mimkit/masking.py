@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from mimkit.attention import attention_rollout, cls_to_patches, rollout_layer_indices
+
 
 class MaskDraw(NamedTuple):
     """One masking decision for a batch.
@@ -318,7 +320,6 @@ def attmask(
 
 def attention_score_layers(source: str, layer: int, depth: int) -> list[int]:
     """Blocks whose attention :func:`attention_scores` needs for ``source`` (forward order)."""
-    from mimkit.attention import rollout_layer_indices
 
     if source in ("raw", "log", "power"):
         return [layer % depth]
@@ -348,7 +349,6 @@ def attention_scores(
     layers on the left) over all / the last third / the middle third of the blocks.
     ``depth`` defaults to the largest block index present + 1.
     """
-    from mimkit.attention import attention_rollout, cls_to_patches
 
     depth = depth if depth is not None else max(attentions) + 1
     needed = attention_score_layers(source, layer, depth)
