@@ -1,21 +1,32 @@
 """The training loop: schedule, parameter groups, checkpoints, exact resume after SIGKILL, DDP = 1 process."""
 
+import copy
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 import mimkit
 from mimkit.checkpoint import load_file
-from mimkit.config import load_config
-from mimkit.engine.optim import param_groups
+from mimkit.config import TrainConfig, load_config
+from mimkit.engine import trainer
+from mimkit.engine.guard import FiniteGuard, gated_step
+from mimkit.engine.optim import build_optimizer, param_groups
+from mimkit.engine.sampling import SeededSampler, check_run_seed, sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.engine.trainer import pretrain
+from mimkit.errors import ConfigError, TrainingError
+from mimkit.methods.mae import MAE
 from tests.conftest import REPO, TINY_MAE, shared_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -113,26 +124,120 @@ def test_torchrun_two_processes_follow_single_process_curve(tmp_path, breast):
     assert one[0] != one[-1]  # it trained
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, breast, monkeypatch):
-    from mimkit.errors import TrainingError
-    from mimkit.methods.mae import MAE
-
-    out = tmp_path / "nan"
-    base = [*TINY_MAE, f"data.path={breast}", f"output_dir={out}", "train.warmup_epochs=0",
-            "train.batch_size=64", "train.progress=false", "train.log_every=1"]
-    pretrain(load_config(None, [*base, "train.epochs=1"]))
-    good = load_file(out / "last.pt")["model"]
-
+def test_nan_loss_at_step_k_is_never_applied_and_names_the_step(tmp_path, breast, monkeypatch):
+    """A NaN loss at optimizer step k (epoch 2): neither it nor any later step changes the weights or
+    the optimizer state, the error names step k, and last.pt stays the epoch-1 checkpoint."""
+    out, k = tmp_path / "nan", 8 + 3  # 546 // 64 = 8 steps per epoch: the third step of epoch 2
+    cfg = load_config(None, [*TINY_MAE, f"data.path={breast}", f"output_dir={out}", "train.warmup_epochs=0",
+                             "train.batch_size=64", "train.progress=false", "train.log_every=5", "train.epochs=2"])
+    calls, weights, opt_states, optimizers = itertools.count(1), [], [], []
     original = MAE.forward
 
     def poisoned(self, images, sample_seeds=None):
-        out_ = original(self, images, sample_seeds)
-        out_.loss = out_.loss * float("nan")
-        out_.metrics["loss"] = out_.loss.detach()
-        return out_
+        result = original(self, images, sample_seeds)
+        if next(calls) == k:
+            result.loss = result.loss * float("nan")
+            result.metrics["loss"] = result.loss.detach()
+        return result
 
+    def record(self, progress):  # after every optimizer step, gated or not
+        weights.append(copy.deepcopy(self.state_dict()))
+        opt_states.append(copy.deepcopy(optimizers[0].state_dict()["state"]))
+
+    monkeypatch.setattr(trainer, "build_optimizer", lambda *a: optimizers.append(build_optimizer(*a)) or optimizers[0])
     monkeypatch.setattr(MAE, "forward", poisoned)
-    with pytest.raises(TrainingError, match="last good checkpoint"):
-        pretrain(load_config(None, [*base, "train.epochs=2"]))
+    monkeypatch.setattr(MAE, "after_optimizer_step", record, raising=False)
+    with pytest.raises(TrainingError, match=rf"step {k} \(epoch 2\).*last good checkpoint, .*last.pt \(epoch 1\)"):
+        pretrain(cfg)
+    assert len(weights) == 8 + 5  # stopped at the first log line after step k (log_every=5)
+    good, good_opt = weights[k - 2], opt_states[k - 2]  # after step k - 1
+    assert not _same(good, weights[k - 3])  # step k - 1 did train
+    for later, later_opt in zip(weights[k - 1:], opt_states[k - 1:]):
+        assert _same(later, good)
+        assert all(_same(later_opt[i], good_opt[i]) for i in good_opt)
     kept = load_file(out / "last.pt")
-    assert kept["epoch"] == 0 and all(torch.equal(kept["model"][k], good[k]) for k in good)
+    assert kept["epoch"] == 0 and kept["step"] == 8 and _same(kept["model"], weights[7])
+    assert all(math.isfinite(r["loss"]) for r in map(json.loads, open(out / "log.jsonl")))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_guard_gates_every_step_from_the_first_bad_one_and_says_why():
+    images, nan = torch.ones(2, 1, 4, 4), torch.tensor(float("nan"))
+    g = FiniteGuard(torch.device("cpu"))
+    g.observe(torch.tensor(1.0), images)
+    assert bool(g.allow(torch.tensor(3.0), 1))
+    g.observe(nan, images)
+    assert not bool(g.allow(torch.tensor(3.0), 2))
+    g.observe(torch.tensor(1.0), images)
+    assert not bool(g.allow(torch.tensor(3.0), 3))  # sticky: nothing after a failure is applied
+    assert g.failed().tolist() == [1.0] and int(g.first_bad) == 2
+    text = str(g.error(1, None, fp16=False))
+    assert "step 2 (epoch 2)" in text and "no checkpoint was written" in text and "learning rate" in text
+    assert "pixels" not in text and "fp16" not in text
+
+    # fp16: an infinite gradient only skips its step (GradScaler backs off); a NaN loss with NaN pixels is named.
+    h = FiniteGuard(torch.device("cpu"), grads_may_overflow=True)
+    h.observe(torch.tensor(1.0), images)
+    assert not bool(h.allow(torch.tensor(float("inf")), 1)) and h.failed().tolist() == [0.0]
+    h.observe(torch.tensor(1.0), [images, images])
+    assert bool(h.allow(torch.tensor(1.0), 2))
+    bad = images.clone()
+    bad[1, 0, 2, 3] = float("nan")
+    h.observe(nan, [images, bad])
+    assert not bool(h.allow(nan, 3))
+    text = str(h.error(0, (Path("run/last.pt"), 0), fp16=True))
+    assert "step 3 (epoch 1)" in text and "NaN or infinite pixels" in text and "run/last.pt (epoch 1)" in text
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_gated_step_leaves_no_trace_of_a_bad_step(name):
+    """Gated steps bad, good, bad, good, good end bit-identical to a twin that only took the good ones
+    (the first bad step comes before any optimizer state exists)."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+        return model, build_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.05), 0.1)
+
+    (gated, gated_opt), (twin, twin_opt) = make(), make()
+    good = [[torch.randn_like(p) for p in twin.parameters()] for _ in range(3)]
+    bad = [torch.full_like(g, float("nan")) for g in good[0]]
+
+    def set_grads(model, grads):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+
+    for grads, ok in [(bad, False), (good[0], True), (bad, False), (good[1], True), (good[2], True)]:
+        set_grads(gated, grads)
+        gated_step(gated_opt, torch.tensor(ok))
+    for grads in good:
+        set_grads(twin, grads)
+        twin_opt.step()
+    assert _same(gated.state_dict(), twin.state_dict())
+    gated_state, twin_state = gated_opt.state_dict()["state"], twin_opt.state_dict()["state"]
+    assert gated_state.keys() == twin_state.keys() and all(_same(gated_state[i], twin_state[i]) for i in twin_state)
+
+
+def test_every_bit_of_the_run_seed_counts_and_small_seeds_keep_their_values():
+    for seed, epoch, index in [(5, 3, 17), (0, 0, 0), (32767, 65535, 2**32 - 1)]:
+        assert sample_seed(seed, epoch, index) == (seed << 48) | (epoch << 32) | index  # the published formula
+    assert sample_seed(0, 1, 2) != sample_seed(32768, 1, 2)
+    assert sample_seed(2**63 - 1, 1, 2) != sample_seed(2**63 - 1 - 2**40, 1, 2)
+    assert 0 <= sample_seed(2**63 - 1, 65535, 2**32 - 1) < 2**63  # fits the int64 seed tensors
+
+    def order(seed, epoch):
+        sampler = SeededSampler(50, seed)
+        sampler.set_epoch(epoch)
+        pairs = list(sampler)
+        assert [s for _, s in pairs] == [sample_seed(seed, epoch, i) for i, _ in pairs]
+        return [i for i, _ in pairs]
+
+    assert order(5, 2) == torch.randperm(50, generator=torch.Generator().manual_seed(5 * 100_003 + 2)).tolist()
+    assert order(0, 1) != order(32768, 1)
+    assert order(0, 1) != order(2**32, 1)  # equal low 32 bits: the generator alone would see the same seed
+    assert sorted(order(2**63 - 1, 9)) == list(range(50))
+    for bad in (-1, 2**63, 1.5):
+        with pytest.raises(ConfigError, match="train.seed must be an integer from 0 to 2\\*\\*63 - 1"):
+            check_run_seed(bad)

@@ -14,12 +14,52 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mimkit.errors import ConfigError
 from mimkit.masking import hash32
 
 
+_MASK63, _MASK64 = (1 << 63) - 1, (1 << 64) - 1
+MAX_RUN_SEED = _MASK63
+
+
+def check_run_seed(run_seed: int) -> None:
+    """Seeds are integers in [0, 2**63 - 1]: every bit of them reaches the data order and the masks."""
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int) or not 0 <= run_seed <= MAX_RUN_SEED:
+        raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 1, got {run_seed!r}: choose such a seed.")
+
+
+def _high_seed_bits(run_seed: int) -> int:
+    """63-bit mix (splitmix64's finaliser) of the run seed's bits above bit 15; 0 for seeds < 2**15.
+
+    ``sample_seed`` once kept only 15 bits of the run seed, so 0 and 32768 gave the same run.
+    XOR-ing this in separates them while every seed < 32768 keeps its published sample seeds
+    (the finaliser maps 0 to 0 and is a bijection on 64 bits, so distinct high bits stay distinct).
+    """
+    z = (run_seed >> 15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & _MASK63
+
+
 def sample_seed(run_seed: int, epoch: int, index: int) -> int:
-    """63-bit seed: 15 bits run seed, 16 bits epoch, 32 bits dataset index (unique within a run)."""
-    return ((run_seed & 0x7FFF) << 48) | ((epoch & 0xFFFF) << 32) | (index & 0xFFFFFFFF)
+    """63-bit seed: 15 bits run seed, 16 bits epoch, 32 bits dataset index (unique within a run),
+    XOR a mix of the run seed's higher bits (0 for run seeds < 32768)."""
+    low = ((run_seed & 0x7FFF) << 48) | ((epoch & 0xFFFF) << 32) | (index & 0xFFFFFFFF)
+    return low ^ _high_seed_bits(run_seed)
+
+
+def permutation_seed(run_seed: int, epoch: int) -> int:
+    """Seed of an epoch's shuffle: ``run_seed * 100003 + epoch`` as always, XOR the high-bit mix.
+
+    The CPU generator keeps the low 32 bits; the mix brings every bit of a large seed into them.
+    """
+    return ((run_seed * 100_003 + epoch) ^ _high_seed_bits(run_seed)) & _MASK64
+
+
+def init_seed(run_seed: int) -> int:
+    """``torch.manual_seed`` value for model initialisation: the seed itself below 2**32 (the
+    generator keeps 32 bits), else a 32-bit hash of all its bits."""
+    return run_seed if run_seed < 1 << 32 else generator_seed(run_seed)
 
 
 def generator_seed(seed: int) -> int:
@@ -53,7 +93,7 @@ class SeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(permutation_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +28,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mimkit
-from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_checked, save_atomic
+from mimkit.checkpoint import extract_state_dict, load_state_dict_checked, remove_stray_temporaries, save_atomic
+from mimkit.checkpoint import write_text_atomic
 from mimkit.config import Config, dump_config
+from mimkit.data import build_transform, load_dataset, stats_for
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from mimkit.engine.guard import FiniteGuard, gated_step, grad_norm
 from mimkit.engine.optim import build_optimizer
-from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, generator_seed, sample_seed
+from mimkit.engine.run_log import RunLog, progress_bar
+from mimkit.engine.run_state import check_resumable, find_resume_point, rng_state, set_rng_state
+from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, check_run_seed, generator_seed, init_seed
+from mimkit.engine.sampling import sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
-from mimkit.errors import ConfigError, TrainingError
+from mimkit.errors import ConfigError
 from mimkit.registry import create_model, model_arguments, resolve_model_kwargs
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,8 +52,6 @@ def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float
     Returns (dataset, model_config, {"mean", "std"}). ``model_config`` is ``cfg.model`` with
     ``in_chans`` set from the data, so a checkpoint can rebuild exactly this model.
     """
-    from mimkit.data import load_dataset, stats_for
-
     dataset = load_dataset(cfg.data.path, cfg.data.split)
     model_config = dict(cfg.model)
     given = model_config.get("in_chans")
@@ -74,8 +78,6 @@ def _pretrain_transform(model: nn.Module, cfg: Config, img_size: int, stats: dic
     """The method's own augmentation (e.g. multi-crop) if it defines one, else the MAE recipe."""
     if hasattr(model, "pretrain_transform"):
         return model.pretrain_transform(img_size, stats["mean"], stats["std"], cfg.data)
-    from mimkit.data import build_transform
-
     return build_transform(
         "pretrain", img_size, stats["mean"], stats["std"],
         crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation,
@@ -88,58 +90,6 @@ def _weight_decay_at(t_cfg, epoch: float) -> float:
         return t_cfg.weight_decay
     progress = min(1.0, epoch / max(t_cfg.epochs, 1e-9))
     return t_cfg.weight_decay_end + (t_cfg.weight_decay - t_cfg.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _Logger:
-    """JSON lines (always) + TensorBoard (when installed), on the main process only."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = out / "log.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @dataclass
@@ -173,6 +123,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
 def run_training(cfg: Config, make_setup: Callable[[Config, DistInfo, torch.device], TrainingSetup]) -> dict[str, Any]:
     """Join the process group (under torchrun), build the task's setup, train; returns the summary."""
+    check_run_seed(cfg.train.seed)
     dist_info, device = init_distributed(cfg.train.device)
     try:
         return train_loop(cfg, dist_info, device, make_setup(cfg, dist_info, device))
@@ -186,7 +137,7 @@ def _pretrain_setup(cfg: Config, di: DistInfo, device: torch.device) -> Training
     if "total_epochs" in model_arguments(model_config["name"]) and model_config.get("total_epochs") is None:
         model_config["total_epochs"] = cfg.train.epochs
     model_kwargs = resolve_model_kwargs(**model_config)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(init_seed(cfg.train.seed))
     model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)
     transform = _pretrain_transform(model, cfg, model_kwargs["img_size"], stats)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -196,190 +147,320 @@ def _pretrain_setup(cfg: Config, di: DistInfo, device: torch.device) -> Training
 
 
 def train_loop(cfg: Config, di: DistInfo, device: torch.device, setup: TrainingSetup) -> dict[str, Any]:
-    t_cfg = cfg.train
-    out = Path(cfg.output_dir)
-    model, dataset, transform = setup.model, setup.dataset, setup.transform
-    model_config, stats = setup.model_config, setup.stats
-    uses_labels = getattr(model, "uses_labels", False)
-    sampler = SeededSampler(len(dataset), t_cfg.seed, di.rank, di.world_size)
-    loader = DataLoader(
-        SeededTransformDataset(dataset, transform), batch_size=t_cfg.batch_size, sampler=sampler,
-        num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    iters_per_epoch = len(loader) // t_cfg.accum_iter * t_cfg.accum_iter
-    if iters_per_epoch == 0:
-        raise ConfigError(
-            f"The training split has {len(dataset)} images, fewer than one batch of {t_cfg.batch_size} x "
-            f"{t_cfg.accum_iter} x {di.world_size} processes: lower train.batch_size."
-        )
+    """Train ``setup`` as ``cfg.train`` says (resuming from output_dir when it holds a run); returns the summary."""
+    return _Loop(cfg, di, device, setup).run()
 
-    effective_batch = t_cfg.batch_size * t_cfg.accum_iter * di.world_size
-    base_lr = t_cfg.lr if t_cfg.lr is not None else scaled_lr(t_cfg.blr, effective_batch)
-    optimizer = build_optimizer(model, t_cfg, base_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=t_cfg.precision == "fp16")
 
-    start_epoch, step = 0, 0
-    best_score, best_record = -math.inf, None
-    last_path = out / "last.pt"
-    if t_cfg.resume and last_path.is_file():
-        ckpt = load_file(last_path)
-        if ckpt.get("model_config") != model_config:
-            raise ConfigError(
-                f"{out} holds a run of another model ({ckpt.get('model_config')}): choose a new output_dir "
-                f"or set train.resume=false to start over."
-            )
-        load_state_dict_checked(model, extract_state_dict(ckpt), f"Checkpoint {last_path}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best_score = ckpt.get("best_score", -math.inf)
-        best_record = ckpt.get("best_record")
-        _set_rng_state(ckpt["rng"])
-        if di.is_main:
-            print(f"Resuming from {last_path} at epoch {start_epoch}/{t_cfg.epochs}.", flush=True)
+def _to_device(images, device: torch.device):
+    if isinstance(images, (list, tuple)):  # multi-crop methods get a list of views
+        return [x.to(device, non_blocking=True) for x in images]
+    return images.to(device, non_blocking=True)
 
-    method = model  # the module whose hooks and state we use; `step_model` may wrap it
-    step_model: nn.Module = torch.compile(model) if t_cfg.compile else model
-    if di.enabled:
-        step_model = nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = (
-        torch.autocast(device.type, dtype=_DTYPES[t_cfg.precision])
-        if t_cfg.precision in _DTYPES else contextlib.nullcontext()
-    )
 
-    if di.is_main:
+def _prepare_output_dir(out: Path) -> None:
+    """Create output_dir (main process), with one sentence when that cannot work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file: choose a folder path for output_dir.")
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    except OSError as exc:
+        raise ConfigError(f"Cannot create output_dir {out} ({exc.strerror or exc}): choose a writable folder.") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output_dir {out} is not writable: choose a folder you can write to.")
+
+
+class _Loop:
+    """One training run. ``run()`` reads as the loop; each method below is one of its steps.
+
+    State across epochs: ``epoch0`` (first epoch to train), ``step`` (optimizer steps done),
+    ``best_score``/``best_record`` (best evaluation so far), ``last_good`` (newest checkpoint on disk
+    as (path, epoch)) and ``summary`` (of the last finished epoch).
+    """
+
+    def __init__(self, cfg: Config, di: DistInfo, device: torch.device, setup: TrainingSetup):
+        self.cfg, self.t, self.di, self.device, self.setup = cfg, cfg.train, di, device, setup
+        self.out, self.method = Path(cfg.output_dir), setup.model
+        self.print = print if di.is_main else (lambda *a, **k: None)
+        self.sampler, self.loader, self.iters_per_epoch = self._build_loader()
+        self.effective_batch = self.t.batch_size * self.t.accum_iter * di.world_size
+        self.base_lr = self.t.lr if self.t.lr is not None else scaled_lr(self.t.blr, self.effective_batch)
+        self.optimizer = build_optimizer(self.method, self.t, self.base_lr)
+        # Indices, not the dicts: loading a checkpoint's optimizer state replaces the group dicts.
+        self.decayed_groups = [i for i, g in enumerate(self.optimizer.param_groups) if g["weight_decay"] > 0]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.t.precision == "fp16")
+        self.guard = FiniteGuard(device, grads_may_overflow=self.t.precision == "fp16")
+        self.epoch0, self.step, self.best_score, self.best_record = 0, 0, -math.inf, None
+        self.last_good: tuple[Path, int] | None = None
+        self.summary: dict[str, Any] = {}
+        self.images_seen = 0
+
+    def run(self) -> dict[str, Any]:
+        if self.di.is_main:
+            _prepare_output_dir(self.out)
+            remove_stray_temporaries(self.out)
+        finished = self._resume()
+        if finished is not None:
+            return finished
+        self.step_model, self.autocast = self._wrap_model()
+        self.warmup = self._warmup_epochs()
+        if self.di.is_main:  # only now: a refused resume leaves config.yaml describing last.pt
+            write_text_atomic(dump_config(self.cfg), self.out / "config.yaml")
+            self._print_banner()
+        self.log = RunLog(self.out, self.di.is_main, (self.epoch0 - 1, self.step) if self.epoch0 else None)
+        run_start = time.perf_counter()
+        try:
+            for epoch in range(self.epoch0, self.t.epochs):
+                self._train_epoch(epoch)
+        finally:
+            self.log.close()
+        return self._write_summary(time.perf_counter() - run_start)
+
+    # -- building ----------------------------------------------------------------------------------
+    def _build_loader(self) -> tuple[SeededSampler, DataLoader, int]:
+        """Seeded sampler + loader; iterations per epoch rounded down to whole accumulation windows."""
+        t, dataset = self.t, self.setup.dataset
+        sampler = SeededSampler(len(dataset), t.seed, self.di.rank, self.di.world_size)
+        loader = DataLoader(
+            SeededTransformDataset(dataset, self.setup.transform), batch_size=t.batch_size, sampler=sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True, persistent_workers=self.cfg.data.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
+        iters = len(loader) // t.accum_iter * t.accum_iter
+        if iters == 0:
+            raise ConfigError(
+                f"The training split has {len(dataset)} images, fewer than one batch of {t.batch_size} x "
+                f"{t.accum_iter} x {self.di.world_size} processes: lower train.batch_size."
+            )
+        return sampler, loader, iters
+
+    def _wrap_model(self) -> tuple[nn.Module, Any]:
+        """The module the steps call (compiled, DDP-wrapped) and the autocast context."""
+        step_model: nn.Module = torch.compile(self.method) if self.t.compile else self.method
+        if self.di.enabled:
+            step_model = nn.parallel.DistributedDataParallel(
+                step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        dtype = _DTYPES.get(self.t.precision)
+        return step_model, torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _warmup_epochs(self) -> float:
+        """train.warmup_epochs, clamped to a run shorter than it (e.g. train.epochs=1 on a 4-epoch warmup)."""
+        if self.t.warmup_epochs <= self.t.epochs:
+            return self.t.warmup_epochs
+        self.print(f"note: train.warmup_epochs={self.t.warmup_epochs:g} is longer than the run, so warmup is clamped "
+                   f"to train.epochs={self.t.epochs} epochs (set train.warmup_epochs to choose another).", flush=True)
+        return float(self.t.epochs)
+
+    def _print_banner(self) -> None:
+        t = self.t
+        if t.precision == "fp16" and self.device.type == "cpu":
+            print("warning: fp16 autocast on a CPU is about 10x slower than fp32 or bf16: set train.precision=bf16.",
+                  flush=True)
         print(
-            f"mimkit {setup.task}: {setup.description}, {t_cfg.epochs} epochs x {iters_per_epoch} it, "
-            f"effective batch {effective_batch}, {t_cfg.optimizer} lr {base_lr:.3g}, {t_cfg.precision}"
-            f"{', compiled' if t_cfg.compile else ''}, {di.world_size} process(es) on {device}",
+            f"mimkit {self.setup.task}: {self.setup.description}, {t.epochs} epochs x {self.iters_per_epoch} it, "
+            f"effective batch {self.effective_batch}, {t.optimizer} lr {self.base_lr:.3g}, {t.precision}"
+            f"{', compiled' if t.compile else ''}, {self.di.world_size} process(es) on {self.device}",
             flush=True,
         )
-    logger = _Logger(out, di.is_main)
-    summary: dict[str, Any] = {}
-    run_start = time.perf_counter()
-    images_seen = 0
 
-    for epoch in range(start_epoch, t_cfg.epochs):
-        sampler.set_epoch(epoch)
+    # -- resume ------------------------------------------------------------------------------------
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the run in output_dir when there is one; returns its saved summary if it is finished."""
+        point = find_resume_point(self.out, self.print) if self.t.resume else None
+        if point is None:
+            return None
+        ckpt, path = point
+        changed = check_resumable(ckpt, path, self.cfg.to_dict(), self.setup.model_config, self.setup.task,
+                                  allow_changed=getattr(self.t, "resume_changed", False))
+        if changed:
+            self.print(f"train.resume_changed=true: continuing {path} with "
+                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+        if path.name != "last.pt" and self.di.is_main:  # the fallback becomes last.pt, which was unusable
+            save_atomic(ckpt, self.out / "last.pt")
+        if ckpt["epoch"] + 1 >= self.t.epochs:
+            return self._finished_summary(ckpt, path)
+        self._load_state(ckpt, path, fresh_optimizer="train.optimizer" in changed)
+        self.print(f"Resuming from {path} at epoch {self.epoch0}/{self.t.epochs}.", flush=True)
+        return None
+
+    def _load_state(self, ckpt: dict[str, Any], path: Path, fresh_optimizer: bool) -> None:
+        """Weights, optimizer, scaler, counters and RNG from a checkpoint; the config's optimizer
+        hyperparameters (betas, momentum, lr_scale) win over the saved ones."""
+        load_state_dict_checked(self.method, extract_state_dict(ckpt), f"Checkpoint {path}")
+        if fresh_optimizer:
+            self.print(f"train.optimizer changed: the {self.t.optimizer} state starts fresh.", flush=True)
+        else:
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group, hyper in zip(self.optimizer.param_groups, configured):
+                group.update(hyper)
+        if self.scaler.is_enabled() and ckpt["scaler"]:  # a disabled scaler saved {}
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch0, self.step = ckpt["epoch"] + 1, ckpt["step"]
+        self.best_score, self.best_record = ckpt.get("best_score", -math.inf), ckpt.get("best_record")
+        self.last_good = (path, ckpt["epoch"])
+        set_rng_state(ckpt["rng"])
+
+    def _finished_summary(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+        """A finished run is left as it is: its summary.json, rebuilt from the checkpoint if a kill lost it."""
+        summary_path = self.out / "summary.json"
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            summary = {**ckpt.get("summary", {"final_epoch": ckpt["epoch"] + 1}),
+                       "output_dir": str(self.out), "checkpoint": str(self.out / "last.pt")}
+            if self.di.is_main:
+                write_text_atomic(json.dumps(summary, indent=2), summary_path)
+        self.print(f"{self.out} holds a finished run ({ckpt['epoch'] + 1} epochs, {path.name}): nothing to train; "
+                   f"its summary is {summary_path}.", flush=True)
+        return summary
+
+    # -- one epoch ---------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
         # Reseeding per epoch makes any randomness outside the per-sample seeds (dropout,
         # drop-path) identical after a resume.
-        torch.manual_seed(generator_seed(sample_seed(t_cfg.seed, epoch, di.rank)))
-        step_model.train()
-        bar = _progress(iters_per_epoch, di.is_main and t_cfg.progress, f"epoch {epoch + 1}/{t_cfg.epochs}")
+        torch.manual_seed(generator_seed(sample_seed(self.t.seed, epoch, self.di.rank)))
+        self.step_model.train()
+        bar = progress_bar(self.iters_per_epoch, self.di.is_main and self.t.progress, f"epoch {epoch + 1}/{self.t.epochs}")
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
-        window_start, window_iters = time.perf_counter(), 0
-        epoch_start = time.perf_counter()
-        lr = base_lr
-        for it, (images, labels, seeds) in enumerate(loader):
-            if it >= iters_per_epoch:
+        window_start, window_iters, epoch_start = time.perf_counter(), 0, time.perf_counter()
+        for it, (images, labels, seeds) in enumerate(self.loader):
+            if it >= self.iters_per_epoch:
                 break
-            if it % t_cfg.accum_iter == 0:
-                lr = warmup_cosine(epoch + it / iters_per_epoch, base_lr, t_cfg.min_lr, t_cfg.warmup_epochs, t_cfg.epochs)
-                wd = _weight_decay_at(t_cfg, epoch + it / iters_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                    if group["weight_decay"] > 0:
-                        group["weight_decay"] = wd
-            if hasattr(method, "set_epoch"):
-                method.set_epoch(epoch + it / iters_per_epoch)
-            images = ([x.to(device, non_blocking=True) for x in images] if isinstance(images, (list, tuple))
-                      else images.to(device, non_blocking=True))
-            boundary = (it + 1) % t_cfg.accum_iter == 0
-            sync = contextlib.nullcontext() if boundary or not di.enabled else step_model.no_sync()
-            with sync:
-                with autocast:
-                    if uses_labels:
-                        output = step_model(images, sample_seeds=seeds, labels=labels.to(device, non_blocking=True))
-                    else:
-                        output = step_model(images, sample_seeds=seeds)
-                scaler.scale(output.loss / t_cfg.accum_iter).backward()
-            if boundary:
-                if t_cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
-                if hasattr(method, "before_optimizer_step"):
-                    method.before_optimizer_step(epoch + (it + 1) / iters_per_epoch)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if hasattr(method, "after_optimizer_step"):
-                    method.after_optimizer_step(epoch + (it + 1) / iters_per_epoch)
-            for k, v in output.metrics.items():
+            for k, v in self._micro_step(epoch, it, images, labels, seeds).items():
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0) + v
                 window[k] = window.get(k, 0) + v
             window_iters += 1
             if bar is not None:
                 bar.update(1)
-            if (it + 1) % t_cfg.log_every == 0 or it + 1 == iters_per_epoch:
-                # The only host sync of the loop: every log_every iterations.
-                keys = sorted(window)
-                values = all_reduce_mean(torch.stack([window[k] for k in keys]) / window_iters).tolist()
-                elapsed = time.perf_counter() - window_start
-                record = {"kind": "train", "epoch": epoch, "step": step, "lr": lr, **dict(zip(keys, values)),
-                          "images_per_s": window_iters * t_cfg.batch_size * di.world_size / max(elapsed, 1e-9)}
-                if not all(math.isfinite(v) for v in values):
-                    raise TrainingError(
-                        f"The loss became {values} at epoch {epoch}, step {step}; stopped, keeping the last good "
-                        f"checkpoint in {out}. Lower the learning rate or use train.precision=fp32/bf16."
-                    )
-                logger.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", ips=f"{record['images_per_s']:.0f}")
+            if (it + 1) % self.t.log_every == 0 or it + 1 == self.iters_per_epoch:
+                self._log_window(epoch, window, window_iters, time.perf_counter() - window_start, bar)
                 window, window_iters, window_start = {}, 0, time.perf_counter()
         if bar is not None:
             bar.close()
-        epoch_time = time.perf_counter() - epoch_start
-        images_seen += iters_per_epoch * t_cfg.batch_size * di.world_size
+        self._end_epoch(epoch, sums, time.perf_counter() - epoch_start)
+
+    def _set_schedule(self, progress: float) -> None:
+        """lr (times each group's lr_scale) and weight decay at a fractional epoch."""
+        self.lr = warmup_cosine(progress, self.base_lr, self.t.min_lr, self.warmup, self.t.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        wd = _weight_decay_at(self.t, progress)
+        for i in self.decayed_groups:
+            self.optimizer.param_groups[i]["weight_decay"] = wd
+
+    def _micro_step(self, epoch: int, it: int, images, labels, seeds) -> dict[str, torch.Tensor]:
+        """Forward and backward of one batch; every accum_iter-th batch ends with an optimizer step."""
+        progress = epoch + it / self.iters_per_epoch
+        if it % self.t.accum_iter == 0:
+            self._set_schedule(progress)
+        if hasattr(self.method, "set_epoch"):
+            self.method.set_epoch(progress)
+        images = _to_device(images, self.device)
+        kwargs = {"labels": labels.to(self.device, non_blocking=True)} if getattr(self.method, "uses_labels", False) else {}
+        boundary = (it + 1) % self.t.accum_iter == 0
+        sync = contextlib.nullcontext() if boundary or not self.di.enabled else self.step_model.no_sync()
+        with sync:
+            with self.autocast:
+                output = self.step_model(images, sample_seeds=seeds, **kwargs)
+            self.scaler.scale(output.loss / self.t.accum_iter).backward()
+        self.guard.observe(output.loss, images)
+        if boundary:
+            self._optimizer_step(epoch + (it + 1) / self.iters_per_epoch)
+        return output.metrics
+
+    def _optimizer_step(self, progress: float) -> None:
+        """Unscale, clip, and apply the update unless its loss or gradients are non-finite (no host sync)."""
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16: the norm and the clip see true gradients
+        norm = grad_norm(self.method.parameters(), self.t.clip_grad)
+        if hasattr(self.method, "before_optimizer_step"):
+            self.method.before_optimizer_step(progress)
+        gated_step(self.optimizer, self.guard.allow(norm, self.step + 1))
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if hasattr(self.method, "after_optimizer_step"):
+            self.method.after_optimizer_step(progress)
+
+    def _log_window(self, epoch: int, window: dict[str, torch.Tensor], iters: int, elapsed: float, bar) -> None:
+        """Every log_every iterations, the loop's only host sync: log the window's mean metrics, and
+        stop if a step since the last window failed (anywhere) or a metric is not finite."""
+        keys = sorted(window)
+        reduced = all_reduce_mean(torch.cat([torch.stack([window[k] for k in keys]) / iters, self.guard.failed()]))
+        *values, failed = reduced.tolist()
+        if failed or not all(math.isfinite(v) for v in values):
+            self._stop(epoch, failed, dict(zip(keys, values)))
+        record = {"kind": "train", "epoch": epoch, "step": self.step, "lr": self.lr, **dict(zip(keys, values)),
+                  "images_per_s": iters * self.t.batch_size * self.di.world_size / max(elapsed, 1e-9)}
+        self.log.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", ips=f"{record['images_per_s']:.0f}")
+
+    def _stop(self, epoch: int, failed: float, metrics: dict[str, float]) -> None:
+        """Raise the non-finite error: the failed step when this process saw it, else what it knows."""
+        what = None
+        if bool(self.guard.healthy):
+            bad = ", ".join(k for k, v in metrics.items() if not math.isfinite(v))
+            what = (f"another process saw a non-finite loss or gradient by step {self.step} (epoch {epoch + 1})"
+                    if failed else f"the logged {bad} became non-finite by step {self.step} (epoch {epoch + 1})")
+        raise self.guard.error(epoch, self.last_good, self.t.precision == "fp16", what)
+
+    # -- end of an epoch ---------------------------------------------------------------------------
+    def _end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], epoch_time: float) -> None:
+        """Epoch means, evaluation, the epoch record and line, then the checkpoints (main process)."""
+        n_images = self.iters_per_epoch * self.t.batch_size * self.di.world_size
+        self.images_seen += n_images
         keys = sorted(sums)
-        means = dict(zip(keys, all_reduce_mean(torch.stack([sums[k] for k in keys]) / iters_per_epoch).tolist()))
-        if not all(math.isfinite(v) for v in means.values()):
-            raise TrainingError(f"The loss became non-finite in epoch {epoch}; stopped, last good checkpoint kept in {out}.")
-        record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **means, "epoch_time_s": epoch_time,
-                  "images_per_s": iters_per_epoch * t_cfg.batch_size * di.world_size / epoch_time}
-        is_best = False
-        scores = setup.evaluate(model, epoch) if setup.evaluate is not None else None  # on every rank
+        means = dict(zip(keys, all_reduce_mean(torch.stack([sums[k] for k in keys]) / self.iters_per_epoch).tolist()))
+        record = {"kind": "epoch", "epoch": epoch, "step": self.step, "lr": self.lr, **means,
+                  "epoch_time_s": epoch_time, "images_per_s": n_images / epoch_time}
+        scores = self.setup.evaluate(self.method, epoch) if self.setup.evaluate is not None else None  # every rank
+        is_best = scores is not None and scores["score"] > self.best_score
         if scores is not None:
             record.update({f"eval_{k}": v for k, v in scores.items()})
-            is_best = scores["score"] > best_score
-            if is_best:
-                best_score, best_record = scores["score"], {"epoch": epoch, **scores}
-        logger.log(record)
-        if di.is_main:
+        if is_best:
+            self.best_score, self.best_record = scores["score"], {"epoch": epoch, **scores}
+        self.log.log(record)
+        self.summary = {"final_epoch": epoch + 1, **{f"final_{k}": v for k, v in means.items()}}
+        if self.di.is_main:
             metric_text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             if scores is not None:
                 metric_text += " | " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            print(f"epoch {epoch + 1}/{t_cfg.epochs}  {metric_text}  lr {lr:.3g}  "
+            print(f"epoch {epoch + 1}/{self.t.epochs}  {metric_text}  lr {self.lr:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {epoch_time:.1f}s", flush=True)
-            payload = {
-                "format": "mimkit", "version": mimkit.__version__, "model": model.state_dict(),
-                "model_config": model_config, "data_stats": stats, "epoch": epoch, "step": step,
-                "config": cfg.to_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": _rng_state(), "task": setup.task, "best_score": best_score, "best_record": best_record,
-                **setup.extra,
-            }
-            save_atomic(payload, last_path)
-            if is_best:
-                weights_only = {k: v for k, v in payload.items() if k not in ("optimizer", "scaler", "rng")}
-                save_atomic(weights_only, out / "best.pt")
-            if (epoch + 1) % t_cfg.save_every == 0 or epoch + 1 == t_cfg.epochs:
-                save_atomic(payload, out / f"checkpoint-{epoch + 1:04d}.pt")
+            self._save(epoch, is_best)
         barrier()
-        summary = {"final_epoch": epoch + 1, **{f"final_{k}": v for k, v in means.items()}}
+        self.last_good = (self.out / "last.pt", epoch)
 
-    wall = time.perf_counter() - run_start
-    summary.update({"wall_time_s": wall, "images_per_s": images_seen / wall if wall > 0 else 0.0,
-                    "output_dir": str(out), "checkpoint": str(last_path)})
-    if best_record is not None:
-        summary["best"] = best_record
-    if di.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
-    return summary
+    def _payload(self, epoch: int) -> dict[str, Any]:
+        """Everything a resume needs, plus what rebuilds the model and the summary so far."""
+        summary = {**self.summary, **({"best": self.best_record} if self.best_record is not None else {})}
+        return {
+            "format": "mimkit", "version": mimkit.__version__, "model": self.method.state_dict(),
+            "model_config": self.setup.model_config, "data_stats": self.setup.stats, "epoch": epoch, "step": self.step,
+            "config": self.cfg.to_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": rng_state(), "task": self.setup.task, "best_score": self.best_score, "best_record": self.best_record,
+            "summary": summary, **self.setup.extra,
+        }
+
+    def _save(self, epoch: int, is_best: bool) -> None:
+        """best.pt and checkpoint-NNNN.pt first, last.pt last: last.pt commits the epoch, so a kill
+        before it repeats the epoch and rewrites the others identically."""
+        payload = self._payload(epoch)
+        if is_best:
+            save_atomic({k: v for k, v in payload.items() if k not in ("optimizer", "scaler", "rng")}, self.out / "best.pt")
+        if (epoch + 1) % self.t.save_every == 0 or epoch + 1 == self.t.epochs:
+            save_atomic(payload, self.out / f"checkpoint-{epoch + 1:04d}.pt")
+        save_atomic(payload, self.out / "last.pt")
+
+    def _write_summary(self, wall: float) -> dict[str, Any]:
+        summary = {**self.summary, "wall_time_s": wall, "images_per_s": self.images_seen / wall if wall > 0 else 0.0,
+                   "output_dir": str(self.out), "checkpoint": str(self.out / "last.pt")}
+        if self.best_record is not None:
+            summary["best"] = self.best_record
+        if self.di.is_main:
+            write_text_atomic(json.dumps(summary, indent=2), self.out / "summary.json")
+        return summary
