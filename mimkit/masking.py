@@ -320,7 +320,6 @@ def attmask(
 
 def attention_score_layers(source: str, layer: int, depth: int) -> list[int]:
     """Blocks whose attention :func:`attention_scores` needs for ``source`` (forward order)."""
-
     if source in ("raw", "log", "power"):
         return [layer % depth]
     if source.startswith("rollout_"):
@@ -349,7 +348,6 @@ def attention_scores(
     layers on the left) over all / the last third / the middle third of the blocks.
     ``depth`` defaults to the largest block index present + 1.
     """
-
     depth = depth if depth is not None else max(attentions) + 1
     needed = attention_score_layers(source, layer, depth)
     missing = [i for i in needed if i not in attentions]
