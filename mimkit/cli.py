@@ -26,7 +26,7 @@ from mimkit.config import Config, check_output_dir, check_output_file, describe_
 from mimkit.data import load_dataset, stats_for
 from mimkit.data.sources import check_patch_fits
 from mimkit.demo import run_demo
-from mimkit.engine.distributed import cleanup, init_distributed, precision_note, resolve_device
+from mimkit.engine.distributed import cleanup, init_distributed, resolve_device
 from mimkit.engine.trainer import pretrain
 from mimkit.errors import CheckpointError, ConfigError, DataError, MimkitError
 from mimkit.eval.finetune import FINETUNE_DEFAULTS, evaluate_finetuned_checkpoint, run_finetune
@@ -70,12 +70,21 @@ class _KValues(argparse.Action):
         namespace.k_overrides = values[len(ks):]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts (--batch-size, --num-images, --epochs): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _check_run(cfg) -> None:
     """What a training run needs, checked before it starts: a writable output_dir and a device this machine has."""
     check_output_dir(cfg.output_dir)
-    note = precision_note(cfg.train.precision, resolve_device(cfg.train.device))
-    if note:
-        print(f"mimkit: note: {note}", file=sys.stderr)
+    resolve_device(cfg.train.device)
 
 
 def cmd_pretrain(args) -> int:
@@ -176,8 +185,6 @@ def cmd_finetune(args) -> int:
 
 def _check_visualize_args(args) -> None:
     """Everything about ``visualize``'s flags that can be wrong, before a checkpoint is read."""
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}: e.g. --num-images 6.")
     check_figure_path(args.out, "--out")
     if not 0 <= args.discard_ratio < 1:
         raise ConfigError(f"--discard-ratio must lie in [0, 1), got {args.discard_ratio}: e.g. --discard-ratio 0.9.")
@@ -306,7 +313,7 @@ def _add_knn(sub) -> None:
     p.add_argument("--no-final-norm", action="store_true", help="use the last block's output before the final norm")
     p.add_argument("--train-split", default="train", help="split of the labelled bank (default train)")
     p.add_argument("--test-split", default="test", help="split of the queries that are scored (default test)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass of feature extraction")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass of feature extraction")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("overrides", nargs="*",
                    help="key=value: data.labels_per_class=N, data.label_fraction=F, data.label_seed=S, "
@@ -339,7 +346,7 @@ def _add_visualize(sub) -> None:
                         "ViT encoder, with the AttMask masks it gives)")
     p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg ...)")
     p.add_argument("--split", default="test", help="split the images are drawn from (default test)")
-    p.add_argument("--num-images", type=int, default=6, help="rows of the figure, at least 1 (default 6)")
+    p.add_argument("--num-images", type=_positive_int, default=6, help="rows of the figure, at least 1 (default 6)")
     p.add_argument("--seed", type=int, default=2, help="seed of the image choice and the random masks")
     p.add_argument("--layer", type=int, default=-1, help="attention: block whose [CLS] attention is shown (default: last)")
     p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean", help="attention/rollout: how heads are fused")
@@ -376,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain briefly on an embedded dataset, compare k-NN with the untrained net, draw reconstructions")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--data", default="digits", help="dataset (default: scikit-learn digits, no download)")
-    p.add_argument("--epochs", type=int, default=None, help="default: a few minutes on a 2-core CPU")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="default: a few minutes on a 2-core CPU")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("models", help="list model presets")

@@ -69,7 +69,7 @@ class TrainConfig:
     """Optimisation and run mechanics (official MAE defaults where they exist)."""
 
     epochs: int = _key(400, "passes over the training split")
-    warmup_epochs: float = _key(40.0, "linear lr warmup length in epochs (then cosine decay to min_lr)")
+    warmup_epochs: float = _key(40.0, "linear lr warmup length in epochs, then cosine decay to min_lr (clamped to a shorter run)")
     batch_size: int = _key(64, "per process; effective batch = batch_size * accum_iter * world size")
     accum_iter: int = _key(1, "gradient accumulation steps per optimizer step")
     blr: float = _key(1.5e-4, "base lr; lr = blr * effective batch / 256")
@@ -238,29 +238,29 @@ def _validate_model(model: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _check_range(cfg: Config, key: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    """``section.key`` must lie in the interval (open or closed at each end)."""
+def _check_range(cfg: Config, key: str, interval: str) -> None:
+    """``section.key`` (when set) must lie in ``interval``, written "(0, 1]": round = open, square = closed."""
     section, name = key.split(".")
     value = getattr(getattr(cfg, section), name)
     if value is None:
         return
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and \
-        (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = low < value if interval[0] == "(" else low <= value
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (math.isfinite(value) and above and below):
         raise ConfigError(f"{key} must lie in {interval}, got {value}: set {key} to a value in that range.")
 
 
-# (key, low, high, low open, high open): fractions and probabilities that cannot leave their interval.
-_RANGES = [
-    ("data.label_fraction", 0.0, 1.0, True, False),
-    ("finetune.layer_decay", 0.0, 1.0, True, False),
-    ("finetune.drop_path", 0.0, 1.0, False, True),
-    ("finetune.smoothing", 0.0, 1.0, False, True),
-    ("finetune.mixup_prob", 0.0, 1.0, False, False),
-    ("finetune.mixup_switch_prob", 0.0, 1.0, False, False),
-    ("finetune.reprob", 0.0, 1.0, False, False),
-]
+# Fractions and probabilities that cannot leave their interval.
+_RANGES = {
+    "data.label_fraction": "(0, 1]",
+    "finetune.layer_decay": "(0, 1]",
+    "finetune.drop_path": "[0, 1)",
+    "finetune.smoothing": "[0, 1)",
+    "finetune.mixup_prob": "[0, 1]",
+    "finetune.mixup_switch_prob": "[0, 1]",
+    "finetune.reprob": "[0, 1]",
+}
 
 
 def _check_crop_scale(key: str, lo_hi: list[float]) -> None:
@@ -303,8 +303,8 @@ def validate(cfg: Config) -> Config:
     for key in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}.")
-    if not 0 <= t.warmup_epochs <= t.epochs:
-        raise ConfigError(f"train.warmup_epochs must lie in [0, train.epochs], got {t.warmup_epochs}.")
+    if not (math.isfinite(t.warmup_epochs) and t.warmup_epochs >= 0):  # longer than the run: the engine clamps it
+        raise ConfigError(f"train.warmup_epochs must be 0 or more, got {t.warmup_epochs}: e.g. train.warmup_epochs=0.")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}.")
     _check_crop_scale("data.crop_scale", cfg.data.crop_scale)
@@ -315,8 +315,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("Set data.labels_per_class or data.label_fraction, not both.")
     if d.labels_per_class is not None and d.labels_per_class < 1:
         raise ConfigError(f"data.labels_per_class must be at least 1, got {d.labels_per_class}.")
-    for key, *interval in _RANGES:
-        _check_range(cfg, key, *interval)
+    for key, interval in _RANGES.items():
+        _check_range(cfg, key, interval)
     if cfg.linprobe.n_last_blocks < 1:
         raise ConfigError(f"linprobe.n_last_blocks must be at least 1, got {cfg.linprobe.n_last_blocks}.")
     return cfg
@@ -434,6 +434,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file {p} is not valid YAML ({str(exc).splitlines()[0]}): fix its syntax.")
+        if not isinstance(raw, dict):  # before the overrides, which index into it
+            raise ConfigError(f"Config file {p} holds a {type(raw).__name__}, not a mapping: write it as "
+                              f"key: value lines with the keys output_dir, model, data, train (see configs/).")
     if defaults:
         raw = _merge(defaults, raw)
     return from_dict(apply_overrides(raw, overrides or []))

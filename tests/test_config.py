@@ -178,3 +178,12 @@ def test_every_listed_key_and_default_is_accepted_back():
 def test_unknown_config_show_key_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"No config key or section 'train.epohcs' \(did you mean train.epochs"):
         describe_keys("train.epohcs")
+
+
+def test_warmup_longer_than_a_short_run_is_left_to_the_engine_to_clamp():
+    """``train.epochs=1`` on a recipe with a longer warmup is valid (the engine clamps it with a note)."""
+    cfg = load_config(REPO / "configs/mae/vit_tiny_p4_28.yaml", ["train.epochs=1"])
+    assert cfg.train.epochs == 1 and cfg.train.warmup_epochs > 1
+    for bad in ("-1", ".nan"):
+        with pytest.raises(ConfigError, match="train.warmup_epochs must be 0 or more"):
+            load_config(None, [f"train.warmup_epochs={bad}"])

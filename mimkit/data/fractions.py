@@ -20,7 +20,8 @@ def stratified_indices(labels: torch.Tensor, *, labels_per_class: int | None = N
         raise ConfigError("Pass exactly one of labels_per_class or label_fraction.")
     y = np.asarray(torch.as_tensor(labels).reshape(-1))
     if len(y) and y.min() < 0:
-        raise ConfigError("Label fractions need labelled images, but this split has unlabelled ones (-1).")
+        raise ConfigError("Label fractions need labelled images, but this split has unlabelled ones (-1): use class "
+                          "sub-folders or a labelled .npz, or drop data.labels_per_class / data.label_fraction.")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(y, return_counts=True)
     # One random key per image, drawn in a fixed order; within each class the lowest keys win.

@@ -46,14 +46,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def precision_note(precision: str, device: torch.device) -> str | None:
-    """A warning when ``precision`` is far slower than fp32 on ``device`` (fp16 autocast on a CPU), else None."""
-    if precision == "fp16" and device.type == "cpu":
-        return ("train.precision=fp16 on a CPU runs about 10x slower than fp32 (CPUs have no fast fp16 math): "
-                "use train.precision=fp32 on CPUs.")
-    return None
-
-
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise no-op.
 
