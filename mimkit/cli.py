@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_checked
+from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_checked, write_text_atomic
 from mimkit.config import Config, check_output_dir, check_output_file, describe_keys, load_config, validate_knn
 from mimkit.data import load_dataset, stats_for
 from mimkit.data.sources import check_patch_fits
@@ -134,9 +134,8 @@ def cmd_knn(args) -> int:
         return 0
     result["checkpoint"] = args.checkpoint
     _print_knn(args, result)
-    for out in outputs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+    for out in outputs:  # atomic: a killed run leaves the previous result, never half of a new one
+        write_text_atomic(json.dumps(result, indent=2), out)
     return 0
 
 
