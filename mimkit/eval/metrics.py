@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mimkit.checkpoint import write_text_atomic
 from mimkit.viz import save_figure
 
 
@@ -92,6 +93,5 @@ def write_metrics(result: dict[str, Any], out_dir: str | Path, name: str) -> Pat
         png = save_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"], out_dir / f"{name}_confusion.png",
                                     title=f"{name}: top-1 {metrics['top1']:.2f} %")
         result = {**result, "confusion_png": str(png)}
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    path = out_dir / f"{name}.json"  # atomic: a killed run never leaves a half-written result
+    return write_text_atomic(json.dumps(result, indent=2), path)
