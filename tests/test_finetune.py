@@ -2,8 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from mimkit.cli import main
 from mimkit.config import load_config
@@ -11,7 +15,8 @@ from mimkit.engine.trainer import pretrain
 from mimkit.models.classifier import ViTClassifier, transfer_encoder_weights
 from mimkit.models.pos_embed import interpolate_pos_embed, sincos_2d
 from mimkit.models.vit import MaskedViT
-from tests.conftest import TINY_MAE
+from tests.conftest import TINY_MAE, shared_file
+from tests.test_eval_cli import split_tensors
 
 TINY_VIT = dict(img_size=28, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 
@@ -48,15 +53,36 @@ def test_pos_embed_interpolation_same_size_is_unchanged():
     assert interpolate_pos_embed(table, (7, 7)) is table
 
 
-def test_pos_embed_interpolation_other_size():
-    table = sincos_2d(16, 7)
-    out = interpolate_pos_embed(table, 14)
-    assert out.shape == (1, 1 + 196, 16)
+def _reference_resample(table: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
+    """methods.md §0.11 written out: [CLS] row kept; patch rows as a [1, D, old, old] grid (row-major),
+    bicubic with align_corners=False to ``new`` = (rows, columns), flattened row-major again."""
+    d = table.shape[-1]
+    grid = table[0, 1:].reshape(old, old, d).permute(2, 0, 1).unsqueeze(0)
+    out = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], out[0].permute(1, 2, 0).reshape(1, new[0] * new[1], d)], dim=1)
+
+
+@pytest.mark.parametrize("old,new", [(7, (5, 9)), (7, (14, 14)), (6, (4, 9)), (4, (3, 2))])
+def test_pos_embed_interpolation_equals_bicubic_on_the_grid(old, new):
+    """A random table (so every resampling choice shows) against the reference, non-square grids included;
+    (6, (4, 9)) keeps the number of patches, so only the grid shape says that resampling is due."""
+    table = torch.randn(1, 1 + old * old, 16, generator=torch.Generator().manual_seed(old))
+    out = interpolate_pos_embed(table, new)
+    expected = _reference_resample(table, old, new)
+    assert out.shape == expected.shape == (1, 1 + new[0] * new[1], 16)
     assert torch.equal(out[:, :1], table[:, :1])  # [CLS] row kept
-    assert not torch.equal(out[:, 1:50], table[:, 1:])
-    # a smooth table resampled up and back down again stays close to itself
-    back = interpolate_pos_embed(out, 7)
-    assert torch.allclose(back, table, atol=0.15)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # The reference tells a transposed grid and nearest-neighbour resampling apart from the intended one.
+    swapped = _reference_resample(table, old, new[::-1])
+    swapped = swapped[:, 1:].reshape(new[1], new[0], 16).transpose(0, 1).reshape(1, -1, 16)
+    nearest = F.interpolate(table[0, 1:].reshape(old, old, 16).permute(2, 0, 1)[None], size=new, mode="nearest")
+    assert not torch.allclose(expected[:, 1:], swapped, atol=1e-2)
+    assert not torch.allclose(expected[:, 1:], nearest[0].permute(1, 2, 0).reshape(1, -1, 16), atol=1e-2)
+
+
+def test_pos_embed_interpolation_int_grid_is_square():
+    table = sincos_2d(16, 7)
+    assert torch.allclose(interpolate_pos_embed(table, 14), _reference_resample(table, 7, (14, 14)), atol=1e-5)
 
 
 def test_transfer_adapts_size_and_channels(capsys):
@@ -75,8 +101,6 @@ def test_transfer_adapts_size_and_channels(capsys):
 
 def test_classifier_is_a_timm_vit():
     """A fine-tuned mimkit classifier's weights load strictly into timm's VisionTransformer."""
-    import timm
-
     model = ViTClassifier(num_classes=4, **TINY_VIT, in_chans=3)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
                             depth=3, num_heads=2, num_classes=4, global_pool="avg", fc_norm=True)
@@ -88,8 +112,6 @@ def test_classifier_is_a_timm_vit():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from tests.conftest import shared_file
-
     breast = shared_file("breastmnist.npz")
     out = tmp_path_factory.mktemp("tiny_ft")
     pretrain(load_config(None, [*TINY_MAE, f"data.path={breast}", f"output_dir={out}", "train.epochs=1",
@@ -97,23 +119,44 @@ def tiny_checkpoint(tmp_path_factory):
     return out / "last.pt", breast
 
 
-def test_finetune_one_epoch_writes_metrics(tiny_checkpoint, tmp_path, capsys):
+def timm_top1_and_auc(checkpoint, data) -> tuple[float, float]:
+    """Test-split top-1 % and AUC of a fine-tuned checkpoint, recomputed outside mimkit's model code: its
+    weights in timm's VisionTransformer, images normalised by hand, accuracy by numpy, AUC by scikit-learn."""
+    obj = torch.load(checkpoint, weights_only=True)
+    mc = obj["model_config"]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=mc["img_size"],
+                            patch_size=mc["patch_size"], embed_dim=mc["embed_dim"], depth=mc["depth"],
+                            num_heads=mc["num_heads"], mlp_ratio=mc["mlp_ratio"], in_chans=mc["in_chans"],
+                            num_classes=mc["num_classes"], global_pool="avg" if mc["global_pool"] else "token",
+                            fc_norm=mc["global_pool"]).eval()
+    vit.load_state_dict(obj["model"], strict=True)
+    images, labels = split_tensors(data, "test", obj["data_stats"]["mean"], obj["data_stats"]["std"])
+    with torch.no_grad():
+        logits = vit(images).double()
+    top1 = 100.0 * float(np.mean(logits.argmax(1).numpy() == labels.numpy()))
+    return top1, float(roc_auc_score(labels.numpy(), logits.softmax(1)[:, 1].numpy()))
+
+
+def test_finetune_reports_the_accuracy_of_its_saved_checkpoints(tiny_checkpoint, tmp_path, capsys):
     ckpt, breast = tiny_checkpoint
     out = tmp_path / "ft"
     code = main(["finetune", "--checkpoint", str(ckpt), "--data", str(breast), f"output_dir={out}",
-                 "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=64", "train.progress=false",
+                 "train.epochs=2", "train.warmup_epochs=0", "train.batch_size=64", "train.progress=false",
                  "finetune.mixup=0.8", "finetune.cutmix=1.0"])
     assert code == 0
     result = json.loads((out / "finetune_metrics.json").read_text())
+    assert result["reported"] == "best" and (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    for name in ("best", "last"):
+        top1, auc = timm_top1_and_auc(out / f"{name}.pt", breast)
+        m = result[name]["metrics"]
+        assert m["top1"] == pytest.approx(top1) and m["auc"] == pytest.approx(auc), name
+        assert m["num_images"] == 156 and sum(map(sum, m["confusion_matrix"])) == 156
     m = result["metrics"]
-    assert m["num_images"] == 156 and 0 <= m["top1"] <= 100 and 0 <= m["auc"] <= 1
+    assert m == result["best"]["metrics"]  # the reported numbers are best.pt's
     assert "top5" not in m  # two classes
-    assert sum(map(sum, m["confusion_matrix"])) == 156
     assert len(m["per_class_accuracy"]) == 2 and m["class_names"] == list(m["per_class_accuracy"])
     assert (out / "finetune_metrics_confusion.png").stat().st_size > 1000
-    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
-    assert result["reported"] == "best"
-    assert "test: top-1" in capsys.readouterr().out
+    assert f"test: top-1 {m['top1']:.2f} %" in capsys.readouterr().out
 
     # --eval scores the fine-tuned checkpoint alone, with the same numbers
     code = main(["finetune", "--eval", "--checkpoint", str(out / "best.pt"), "--data", str(breast),

@@ -103,8 +103,8 @@ def transfer_encoder_weights(source: nn.Module, target: ViTClassifier, log=print
     """Copy a pretrained encoder into ``target``, adapting the position table and input channels."""
     state = encoder_state(source)
     pos = state["pos_embed"]
-    if pos.shape[1] != target.pos_embed.shape[1]:
-        old = int(round((pos.shape[1] - 1) ** 0.5))
+    old = int(round((pos.shape[1] - 1) ** 0.5))
+    if (old, old) != tuple(target.grid_size):  # the grid decides, not the row count
         log(f"position table interpolated (bicubic) from a {old}x{old} to a "
             f"{target.grid_size[0]}x{target.grid_size[1]} patch grid")
         state["pos_embed"] = interpolate_pos_embed(pos, target.grid_size)

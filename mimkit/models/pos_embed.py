@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import resample_abs_pos_embed
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -38,19 +39,19 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, in
                           num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resize a checkpoint's position table to another patch grid (methods.md §0.11).
 
-    pos_embed [1, E + g0*g0, D] -> [1, E + h*w, D]: the E prefix rows ([CLS]) are kept, the patch
-    rows are resampled bicubically on the 2-D grid (timm ``resample_abs_pos_embed``). A table
-    that already has the requested grid is returned unchanged (the same tensor).
+    pos_embed [1, E + g0*g0, D] (a square g0 x g0 grid, row-major) -> [1, E + h*w, D] for
+    ``new_grid`` = (h rows, w columns): the E prefix rows ([CLS]) are kept, the patch rows are
+    resampled bicubically on the 2-D grid (timm ``resample_abs_pos_embed``, align_corners=False,
+    no antialiasing, as MAE). A table that already has the requested grid is returned unchanged
+    (the same tensor); the grid, not the row count, decides (6x6 -> 4x9 is resampled).
     """
     h, w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     patches = pos_embed.shape[1] - num_prefix_tokens
-    if patches == h * w:
-        return pos_embed
     side = int(round(patches ** 0.5))
     if side * side != patches:
         raise ValueError(f"cannot interpolate a position table of {patches} patch rows: not a square grid")
-    from timm.layers import resample_abs_pos_embed
-
+    if (side, side) == (h, w):
+        return pos_embed
     return resample_abs_pos_embed(pos_embed.float(), [h, w], old_size=[side, side],
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",
                                   antialias=False).to(pos_embed.dtype)
