@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,7 @@ from mimkit.config import TrainConfig, load_config
 from mimkit.engine import trainer
 from mimkit.engine.guard import FiniteGuard, gated_step
 from mimkit.engine.optim import build_optimizer, param_groups
-from mimkit.engine.sampling import SeededSampler, check_run_seed, sample_seed
+from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, check_run_seed, sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
 from mimkit.engine.trainer import pretrain
 from mimkit.errors import ConfigError, TrainingError
@@ -241,3 +243,21 @@ def test_every_bit_of_the_run_seed_counts_and_small_seeds_keep_their_values():
     for bad in (-1, 2**63, 1.5):
         with pytest.raises(ConfigError, match="train.seed must be an integer from 0 to 2\\*\\*63 - 1"):
             check_run_seed(bad)
+
+
+def test_a_sample_transform_repeats_from_its_seed_whichever_generator_it_draws_from():
+    """torchvision draws from torch, timm's RandAugment from numpy, RandomErasing from Python's random."""
+    def draws(_image):
+        return torch.rand(1).item(), float(np.random.rand()), random.random()
+
+    items = SeededTransformDataset([(None, 0)], draws)
+    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    first = items[(0, 7)][0]
+    np.random.seed(2), random.seed(2), torch.manual_seed(2)  # another process's global state
+    assert items[(0, 7)][0] == first and items[(0, 8)][0] != first
+    assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == _fresh_draws(2)  # restored
+
+
+def _fresh_draws(seed):
+    np.random.seed(seed), random.seed(seed), torch.manual_seed(seed)
+    return torch.rand(1).item(), float(np.random.rand()), random.random()

@@ -18,7 +18,7 @@ from mimkit.data import ImageDataset
 from mimkit.engine import trainer
 from mimkit.engine.distributed import DistInfo
 from mimkit.engine.schedule import scaled_lr
-from mimkit.engine.trainer import TrainingSetup, train_loop
+from mimkit.engine.trainer import TrainingSetup, run_training, train_loop
 from mimkit.errors import CheckpointError, ConfigError, MimkitError
 from mimkit.methods.base import StepOutput
 
@@ -28,9 +28,10 @@ DATA = ImageDataset(np.random.RandomState(0).randint(0, 256, (40, 4, 4), dtype=n
 class TinyMethod(nn.Module):
     """Predicts 3 x each image's mean; dropout draws from the global RNG, so resume must restore it."""
 
-    def __init__(self, gain: float = 1.0):
+    def __init__(self, gain: float = 1.0, seed: int | None = 0):
         super().__init__()
-        torch.manual_seed(0)
+        if seed is not None:
+            torch.manual_seed(seed)
         self.net, self.drop, self.gain = nn.Linear(16, 1), nn.Dropout(0.2), gain
 
     def forward(self, images, sample_seeds=None):
@@ -266,3 +267,19 @@ def test_fp16_on_a_cpu_warns_and_skips_overflowing_steps_without_an_error(tmp_pa
     ckpt = load_file(out / "last.pt")
     assert ckpt["scaler"]["scale"] < 2.0**16  # the scaler backed off: a step overflowed and was skipped
     assert not torch.equal(ckpt["model"]["net.weight"], TinyMethod().net.weight.detach())  # others applied
+
+
+def test_a_setup_that_never_seeds_builds_the_same_model_in_every_process(tmp_path):
+    """torch seeds itself at random per process; the engine seeds before the task's setup runs."""
+    initial = []
+
+    def unseeded_setup(cfg, di, device):
+        setup = _setup()
+        setup.model = TinyMethod(seed=None)  # like a probe head initialised without torch.manual_seed
+        initial.append(setup.model.net.weight.detach().clone())
+        return setup
+
+    for process_seed in (123, 456):
+        torch.manual_seed(process_seed)
+        run_training(_cfg(tmp_path / str(process_seed), "train.epochs=1"), unseeded_setup)
+    assert torch.equal(initial[0], initial[1])

@@ -9,8 +9,11 @@ uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -102,10 +105,29 @@ class SeededSampler(Sampler):
             yield index, sample_seed(self.seed, self.epoch, index)
 
 
-class SeededTransformDataset(Dataset):
-    """Applies ``transform`` under the sample's own RNG seed; returns (image, label, seed).
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed torch's, numpy's and Python's global CPU generators from a sample seed, and restore them after.
 
-    The global RNG is forked so seeding per sample does not disturb anything else.
+    Augmentations draw from all three (torchvision from torch, timm's RandAugment op choice from
+    numpy, RandomErasing from Python's ``random``); any one left unseeded makes a run unrepeatable.
+    """
+    g = generator_seed(seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(g)
+            np.random.seed(g)
+            random.seed(g)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class SeededTransformDataset(Dataset):
+    """Applies ``transform`` under the sample's own RNG seeds (:func:`seeded_rngs`); returns
+    (image, label, seed). The global generators are restored, so seeding disturbs nothing else.
     """
 
     def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
@@ -117,7 +139,6 @@ class SeededTransformDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         image, label = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator_seed(seed))
+        with seeded_rngs(seed):
             image = self.transform(image)
         return image, label, seed

@@ -125,6 +125,9 @@ def run_training(cfg: Config, make_setup: Callable[[Config, DistInfo, torch.devi
     """Join the process group (under torchrun), build the task's setup, train; returns the summary."""
     check_run_seed(cfg.train.seed)
     dist_info, device = init_distributed(cfg.train.device)
+    # torch seeds itself at random per process: a setup that initialises anything (a probe's head)
+    # without seeding must still build the same model in every process, or a restart changes the run.
+    torch.manual_seed(init_seed(cfg.train.seed))
     try:
         return train_loop(cfg, dist_info, device, make_setup(cfg, dist_info, device))
     finally:
