@@ -160,8 +160,9 @@ def test_info_loss_alignment_options_match_an_explicit_reference():
         out = model.step(images, seeds)
         draw1 = s1.draw_mask(3, "cpu", sample_seeds=seeds)
         assert torch.equal(draw1.mask, out.mask1)
+        from mimkit.masking import uniform_noise
         from mimkit.methods.dama import _encode_with_mlp_outputs
-        draw2 = model.student2_draw(out.mask1, out.error1, model._noise(images, seeds, 1))
+        draw2 = model.student2_draw(out.mask1, out.error1, uniform_noise(seeds, 3, model.num_patches, 1, "cpu"))
         t1 = s1.encode(images, ids_keep=draw1.ids_keep).tokens
         _, feats = _encode_with_mlp_outputs(s2, images, draw2.ids_keep, {0, 1})
         # MLP outputs equal MLP(LN2(x)) recomputed from the block inputs.
