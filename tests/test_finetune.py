@@ -149,7 +149,8 @@ def test_finetune_reports_the_accuracy_of_its_saved_checkpoints(tiny_checkpoint,
     for name in ("best", "last"):
         top1, auc = timm_top1_and_auc(out / f"{name}.pt", breast)
         m = result[name]["metrics"]
-        assert m["top1"] == pytest.approx(top1) and m["auc"] == pytest.approx(auc), name
+        # AUC to 1e-3 (~5 of the 42 x 114 pairs): near-equal probabilities may order differently in float32
+        assert m["top1"] == pytest.approx(top1) and m["auc"] == pytest.approx(auc, abs=1e-3), name
         assert m["num_images"] == 156 and sum(map(sum, m["confusion_matrix"])) == 156
     m = result["metrics"]
     assert m == result["best"]["metrics"]  # the reported numbers are best.pt's
