@@ -88,6 +88,7 @@ class TrainConfig:
     save_every: int = _key(20, "keep checkpoint-EPOCH.pt every N epochs (last.pt is written every epoch)")
     log_every: int = _key(20, "iterations between log lines (the only host syncs in the loop)")
     resume: bool = _key(True, "continue from output_dir/last.pt when it exists")
+    resume_changed: bool = _key(False, "resume even though training settings (lr, epochs, batch, schedule, seed, ...) differ from the saved run")
     progress: bool = _key(True, "progress bar on the terminal")
 
 

@@ -32,6 +32,7 @@ from mimkit.checkpoint import extract_state_dict, load_state_dict_checked, remov
 from mimkit.checkpoint import write_text_atomic
 from mimkit.config import Config, dump_config
 from mimkit.data import build_transform, load_dataset, stats_for
+from mimkit.data.sources import check_patch_fits
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from mimkit.engine.guard import FiniteGuard, gated_step, grad_norm
 from mimkit.engine.optim import build_optimizer
@@ -54,6 +55,7 @@ def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float
     """
     dataset = load_dataset(cfg.data.path, cfg.data.split)
     model_config = dict(cfg.model)
+    check_patch_fits(dataset, resolve_model_kwargs(**model_config)["patch_size"])
     given = model_config.get("in_chans")
     if given is None:
         model_config["in_chans"] = dataset.num_channels
@@ -274,7 +276,7 @@ class _Loop:
             return None
         ckpt, path = point
         changed = check_resumable(ckpt, path, self.cfg.to_dict(), self.setup.model_config, self.setup.task,
-                                  allow_changed=getattr(self.t, "resume_changed", False))
+                                  allow_changed=self.t.resume_changed)
         if changed:
             self.print(f"train.resume_changed=true: continuing {path} with "
                        + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
