@@ -15,6 +15,7 @@ are parsed as YAML (``train.epochs=40``, ``train.betas=[0.9,0.95]``, ``train.cli
 from __future__ import annotations
 
 import copy
+import copy
 import dataclasses
 import difflib
 import json
@@ -439,7 +440,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
             raise ConfigError(f"Config file {p} holds a {type(raw).__name__}, not a mapping: write it as "
                               f"key: value lines with the keys output_dir, model, data, train (see configs/).")
     if defaults:
-        raw = _merge(defaults, raw)
+        raw = _merge(copy.deepcopy(defaults), raw)  # overrides edit raw in place: never the caller's defaults
     return from_dict(apply_overrides(raw, overrides or []))
 
 
