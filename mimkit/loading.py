@@ -128,6 +128,12 @@ def _encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token", "head.", "fc_norm."))}
 
 
+def _note_guessed_heads(path: Path, width: int, heads: int) -> None:
+    """Say that the head count was guessed: the weights cannot tell it, and a wrong one changes every feature."""
+    print(f"checkpoint {path}: {heads} attention heads assumed for width {width} (the weights do not record the "
+          f"head count); if it was trained with another, pass --model with its preset", flush=True)
+
+
 def load_encoder(
     path: str | Path, model_name: str | None = None, allow_pickle: bool = False, encoder: str | None = None,
     verbose: bool = False, **overrides: Any,
@@ -158,6 +164,8 @@ def load_encoder(
         kwargs["use_mask_token"] = "masked_embed" in state
     else:
         kwargs = {**infer_vit_config(state), **overrides}
+        if "num_heads" not in overrides:
+            _note_guessed_heads(path, kwargs["embed_dim"], kwargs["num_heads"])
     vit = MaskedViT(**kwargs)
     load_state_dict_checked(vit, state, f"Checkpoint {path} ({fmt})")
     return vit.eval(), None

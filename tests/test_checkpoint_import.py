@@ -1,25 +1,43 @@
-"""Checkpoint import: every supported layout is detected and loads into the same encoder; bad files get one message."""
+"""Checkpoint import: every supported layout is detected and loads into the same encoder; the encoder a
+file holds several of is the one asked for; a guessed head count is said; bad files get one message."""
 
 import argparse
 
 import pytest
+import timm
 import torch
 
 from mimkit.checkpoint import encoder_state
-from mimkit.loading import detect_format, load_encoder
 from mimkit.errors import CheckpointError
-from mimkit.models.classifier import ViTClassifier
+from mimkit.loading import detect_format, load_encoder
 from mimkit.methods.mae import MAE
+from mimkit.models.classifier import ViTClassifier
+from mimkit.models.vit import MaskedViT
 
 ARCH = dict(img_size=28, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=1)
 
 
-@pytest.fixture(scope="module")
-def mae():
-    torch.manual_seed(0)
+def _tiny_mae(seed: int) -> MAE:
+    torch.manual_seed(seed)
     model = MAE(**ARCH, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1).eval()
     model.norm.weight.data.uniform_(0.5, 1.5)  # non-trivial final norm, so a dropped norm would show
     return model
+
+
+@pytest.fixture(scope="module")
+def mae():
+    return _tiny_mae(0)
+
+
+@pytest.fixture(scope="module")
+def other_mae():
+    """A second encoder of the same shape with other weights: the one that must not be picked."""
+    return _tiny_mae(1)
+
+
+def _is_chosen(encoder, chosen, other) -> bool:
+    """``encoder`` computes ``chosen``'s features and not ``other``'s."""
+    return _same_encoder(encoder, chosen) and not _same_encoder(encoder, other)
 
 
 def _save(tmp_path, obj, name="ckpt.pth"):
@@ -62,8 +80,6 @@ def test_finetuned_mae_uses_fc_norm_as_final_norm(tmp_path):
 
 
 def test_timm_vit_state_dict(tmp_path):
-    import timm
-
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=64,
                             depth=2, num_heads=1, num_classes=7).eval()
     obj = vit.state_dict()
@@ -74,26 +90,49 @@ def test_timm_vit_state_dict(tmp_path):
         assert torch.allclose(encoder.encode(x).tokens, vit.forward_features(x), atol=1e-5)
 
 
-def test_dino_teacher_checkpoint(mae, tmp_path):
-    teacher = {"module.backbone." + k: v for k, v in encoder_state(mae).items()}
-    teacher["module.head.last_layer.weight"] = torch.zeros(10, 64)
-    obj = {"teacher": teacher, "student": dict(teacher), "epoch": 3}
+def test_dino_teacher_checkpoint_gives_the_encoder_asked_for(mae, other_mae, tmp_path):
+    def entry(model):
+        state = {"module.backbone." + k: v for k, v in encoder_state(model).items()}
+        return {**state, "module.head.last_layer.weight": torch.zeros(10, 64)}
+
+    obj = {"teacher": entry(mae), "student": entry(other_mae), "epoch": 3}
     assert detect_format(obj) == "dino-teacher"
-    encoder, _ = load_encoder(_save(tmp_path, obj))
-    assert _same_encoder(encoder, mae)
+    path = _save(tmp_path, obj)
+    assert _is_chosen(load_encoder(path)[0], mae, other_mae)  # the teacher by default (DINO/iBOT protocol)
+    assert _is_chosen(load_encoder(path, encoder="teacher")[0], mae, other_mae)
+    assert _is_chosen(load_encoder(path, encoder="student")[0], other_mae, mae)
     with pytest.raises(CheckpointError, match="no encoder 'ema'"):
-        load_encoder(_save(tmp_path, obj), encoder="ema")
+        load_encoder(path, encoder="ema")
 
 
-def test_original_dama_checkpoint(mae, tmp_path):
-    pytest.importorskip("mimkit.methods.dama")
-    state = {}
-    for prefix in ("module.base_encoder.", "module.momentum_encoder."):
-        state.update({prefix + k: v for k, v in mae.state_dict().items()})
+def test_original_dama_checkpoint_gives_the_student_asked_for(mae, other_mae, tmp_path):
+    state = {"module.base_encoder." + k: v for k, v in mae.state_dict().items()}  # student 1
+    state.update({"module.momentum_encoder." + k: v for k, v in other_mae.state_dict().items()})  # student 2
     obj = {"model": state}
     assert detect_format(obj) == "dama-original"
-    encoder, _ = load_encoder(_save(tmp_path, obj), encoder="student2")
-    assert _same_encoder(encoder, mae)
+    path = _save(tmp_path, obj)
+    assert _is_chosen(load_encoder(path)[0], mae, other_mae)  # student 1 by default
+    assert _is_chosen(load_encoder(path, encoder="student1")[0], mae, other_mae)
+    assert _is_chosen(load_encoder(path, encoder="student2")[0], other_mae, mae)
+    with pytest.raises(CheckpointError, match="no encoder 'teacher'"):
+        load_encoder(path, encoder="teacher")
+
+
+def test_a_head_count_that_is_not_the_guess(tmp_path, capsys):
+    """Width 192 with 4 heads: the weights cannot tell (qkv is [3D, D] for any head count), the loader
+    guesses ViT-Ti's 3, says so, and the right count (override or preset) reproduces the source exactly."""
+    torch.manual_seed(0)
+    source = MaskedViT(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=2, num_heads=4).eval()
+    path = _save(tmp_path, {"model": encoder_state(source)})
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    guessed, _ = load_encoder(path)
+    assert guessed.num_heads == 3 and not _same_encoder(guessed, source, x)  # a wrong count is detectable
+    note = capsys.readouterr().out
+    assert "3 attention heads assumed for width 192" in note and "--model" in note
+    for encoder, _ in (load_encoder(path, num_heads=4), load_encoder(path, "vit_tiny_patch4", depth=2, in_chans=1,
+                                                                     num_heads=4)):
+        assert encoder.num_heads == 4 and _same_encoder(encoder, source, x)
+    assert "heads assumed" not in capsys.readouterr().out  # nothing was guessed
 
 
 def test_mismatch_is_one_readable_message(mae, tmp_path):
