@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
+from mimkit.cli import main
 from mimkit.config import DataConfig, load_config
 from mimkit.data import compute_channel_stats, load_dataset
+from mimkit.engine.optim import param_groups
+from mimkit.engine.trainer import pretrain
 from mimkit.errors import ConfigError
+from mimkit.loading import build_from_checkpoint, load_encoder
 from mimkit.masking import attmask, attention_scores
 from mimkit.methods.ibot import IBOT, attention_contrastive_loss
 from mimkit.registry import create_model
@@ -39,8 +44,6 @@ def breast_crops():
 
 
 def test_a_step_trains_the_student_only(breast_crops):
-    from mimkit.engine.optim import param_groups
-
     model = tiny_ibot(mask_prob=1.0)
     out = model(breast_crops, sample_seeds=torch.arange(6))
     assert torch.isfinite(out.loss) and set(out.metrics) >= {"loss", "loss_cls", "loss_mim", "mask_ratio"}
@@ -80,16 +83,74 @@ def test_cls_and_mim_losses_match_their_definitions(breast_crops):
     assert torch.allclose(out.metrics["loss_mim"], torch.stack(per_image).mean(), atol=1e-5)
 
 
-def test_contrastive_term_has_a_non_zero_gradient_on_the_student(breast_crops):
-    student = torch.rand(2, 3, 16, 8).softmax(-1).requires_grad_(True)
-    teacher = torch.rand(2, 3, 16, 8).softmax(-1)
-    loss = attention_contrastive_loss(student, teacher, torch.rand(2, 3, 16), k_anchors=3, temperature=0.2)
-    (grad,) = torch.autograd.grad(loss, student)
-    assert loss > 0 and grad.abs().sum() > 0
+def contrastive_reference(student, teacher, scores, k: int, tau: float) -> float:
+    """methods.md §5.4, intended InfoNCE form, one image and one pair at a time (float64).
 
-    model = tiny_ibot(lambda_cls=0.0, lambda_mim=0.0, contrastive_weight=1.0, mask_strategy="random")
-    out = model(breast_crops, sample_seeds=torch.arange(6))
+    student, teacher: [Q, N, L, K] patch distributions; scores [Q, N, L]. For image t the anchors
+    are the student's distributions at the k highest-scored patches of each crop (crop 1's first),
+    the positives the teacher's at the same patches, the negatives the teacher's at each crop's
+    k lowest-scored patches, all L2-normalised; every anchor i is paired with every positive j != i.
+    """
+    def unit(v):
+        return v.double() / v.double().norm()
+
+    terms = []
+    for t in range(student.shape[1]):
+        high, low = [], []
+        for q in range(student.shape[0]):
+            order = sorted(range(scores.shape[-1]), key=lambda l: -float(scores[q, t, l]))
+            high += [(q, l) for l in order[:k]]
+            low += [(q, l) for l in order[-k:]]
+        anchors = [unit(student[q, t, l]) for q, l in high]
+        positives = [unit(teacher[q, t, l]) for q, l in high]
+        negatives = [unit(teacher[q, t, l]) for q, l in low]
+        for i, a in enumerate(anchors):
+            negative_mass = sum(math.exp(float(a @ n) / tau) for n in negatives)
+            for j, p in enumerate(positives):
+                if j != i:
+                    positive = math.exp(float(a @ p) / tau)
+                    terms.append(-math.log(positive / (positive + negative_mass)))
+    return sum(terms) / len(terms)
+
+
+def test_contrastive_term_equals_the_hand_computation():
+    """Tiny fixed tensors (2 crops, 2 images, 5 patches, 3 classes, k = 2). A version that takes the
+    anchors from the teacher (the original's no-gradient bug), keeps the i = j pairs, drops the
+    temperature or the normalisation, or draws negatives from the most-attended patches differs."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 2, 5, 3, generator=g).softmax(-1).requires_grad_(True)
+    teacher = torch.randn(2, 2, 5, 3, generator=g).softmax(-1)
+    scores = torch.randperm(20, generator=g).float().reshape(2, 2, 5)  # distinct: no ties in the ranking
+    loss = attention_contrastive_loss(student, teacher, scores, k_anchors=2, temperature=0.2)
+    assert float(loss.detach()) == pytest.approx(contrastive_reference(student.detach(), teacher, scores, 2, 0.2), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad.abs().sum() > 0  # trainable: the student's distributions are the anchors
+    # k is capped at half the patches: k = 9 on 5 patches is k = 2
+    assert torch.equal(attention_contrastive_loss(student, teacher, scores, k_anchors=9, temperature=0.2), loss)
+
+
+def test_model_contrastive_term_is_taken_on_the_masked_students_patches(breast_crops):
+    """The step feeds the term the student's patch distributions of the masked global crops, the
+    teacher's centred and sharpened ones, and each crop's raw last-block [CLS] attention of the teacher."""
+    model = tiny_ibot(lambda_cls=0.0, lambda_mim=0.0, contrastive_weight=1.0, mask_strategy="random",
+                      mask_prob=1.0).eval()  # eval: no drop-path, centres untouched
+    model.patch_center.normal_()
+    model.set_epoch(0.5)
+    seeds = torch.arange(6)
+    out = model(breast_crops, sample_seeds=seeds)
     assert torch.equal(out.loss.detach(), out.metrics["loss_contrastive"])
+    tau_tp = model.teacher_temperatures()[1]
+    with torch.no_grad():
+        g = torch.cat(breast_crops[:2])
+        encoded = model.teacher.encode(g, return_attention=[1])
+        _, t_patch = model.teacher_head(encoded.tokens)
+        scores = encoded.attentions[1][:, :, 0, 1:].mean(dim=1).reshape(2, 6, 49)  # head mean, [CLS] -> patches
+        masks, _ = model.draw_masks(encoded.attentions, 6, seeds, "cpu")  # random masks: scores unused
+        _, s_patch = model.student_head(model.student.encode(g, mask=masks).tokens)
+    student = F.softmax(s_patch / 0.1, -1).reshape(2, 6, 49, -1)
+    teacher = F.softmax((t_patch - model.patch_center) / tau_tp, -1).reshape(2, 6, 49, -1)
+    expected = contrastive_reference(student, teacher, scores, 3, 0.2)
+    assert float(out.metrics["loss_contrastive"]) == pytest.approx(expected, rel=1e-4)
     out.loss.backward()
     assert model.student.blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
 
@@ -154,8 +215,6 @@ def test_each_global_crop_gets_its_own_strategy_score_and_layer(breast_crops):
 @pytest.fixture(scope="module")
 def ibot_run(tmp_path_factory):
     """One short engine run on 64 real BreastMNIST images (2 steps of 32)."""
-    from mimkit.engine.trainer import pretrain
-
     root = tmp_path_factory.mktemp("ibot")
     src = np.load(shared_file("breastmnist.npz"))
     small = root / "breast_small.npz"
@@ -171,24 +230,22 @@ def ibot_run(tmp_path_factory):
 
 
 def test_pretrain_through_the_engine_and_evaluate_the_teacher(ibot_run):
-    from mimkit.loading import build_from_checkpoint, load_encoder
-
     root, small, summary = ibot_run
     assert summary["final_epoch"] == 1 and math.isfinite(summary["final_loss"])
     model, ckpt = build_from_checkpoint(root / "run/last.pt")
     assert isinstance(model, IBOT) and ckpt["model_config"]["mask_strategy"] == ["attmask_hint", "attmask_high"]
     assert model.total_epochs == 1  # the momentum schedule follows train.epochs when the config leaves it out
     assert model.center.abs().sum() > 0  # centres are saved (resume)
-    encoder, stats = load_encoder(root / "run/last.pt")
-    assert encoder.state_dict().keys() == model.teacher.state_dict().keys()
-    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in encoder.state_dict().items())
+    # the teacher by default, the student when asked: each loaded encoder holds exactly that network's weights
+    for name, expected in ((None, model.teacher), ("teacher", model.teacher), ("student", model.student)):
+        encoder, _ = load_encoder(root / "run/last.pt", encoder=name)
+        assert encoder.state_dict().keys() == expected.state_dict().keys(), name
+        assert all(torch.equal(v, expected.state_dict()[k]) for k, v in encoder.state_dict().items()), name
     # The teacher moved away from the student by EMA (it is not a copy).
     assert not torch.equal(model.teacher.blocks[0].attn.qkv.weight, model.student.blocks[0].attn.qkv.weight)
 
 
 def test_visualize_attention_and_rollout(ibot_run, capsys):
-    from mimkit.cli import main
-
     root, small, _ = ibot_run
     for what in ("attention", "rollout"):
         out = root / f"{what}.png"
@@ -215,8 +272,6 @@ def test_ibot_configs_load_and_match_the_seed_recipe():
 
 
 def test_local_crops_get_a_resampled_position_table():
-    from timm.layers import resample_abs_pos_embed
-
     vit = tiny_ibot().student
     table = vit.position_table((3, 3))
     assert table.shape == (1, 10, vit.embed_dim) and vit.position_table((7, 7)) is vit.pos_embed

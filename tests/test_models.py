@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import mimkit
+from mimkit.errors import ConfigError
+from mimkit.loading import load_encoder
 from mimkit.models.pos_embed import sincos_2d
 
 OFFICIAL = {  # name: (D, depth, patch, decoder_depth) of facebookresearch/mae models_mae.py
@@ -56,8 +58,6 @@ def test_official_layout_loads_strictly_and_encoder_only_file_too(tmp_path):
     model.load_state_dict(state, strict=True)
     assert torch.equal(model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
     # mae_pretrain_vit_base.pth: {"model": encoder-only state dict}
-    from mimkit.loading import load_encoder
-
     enc_state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
     torch.save({"model": enc_state}, tmp_path / "mae_pretrain_vit_base.pth")
     encoder, _ = load_encoder(tmp_path / "mae_pretrain_vit_base.pth", "mae_vit_base_patch16")
@@ -156,8 +156,6 @@ def test_encoder_paths_agree():
 
 
 def test_create_model_rejects_unknown_argument():
-    from mimkit.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no argument"):
         mimkit.create_model("mae_vit_tiny_patch4", decoder_width=3)
     with pytest.raises(ConfigError, match="Did you mean"):
