@@ -295,3 +295,14 @@ def test_figures_of_a_split_smaller_than_num_images_draw_every_image_with_a_note
             image_axes = [ax for ax in figures[-1].axes if ax.get_images()]
             assert path.is_file() and len(image_axes) == rows * columns, module.__name__
             assert ("tiny [test] has only 3 images" in note) == (asked > 3), note
+
+
+def test_auc_ranks_large_logit_margins_that_softmax_rounds_to_one():
+    from mimkit.eval.metrics import classification_metrics, log_odds
+
+    # margins 40..50: softmax gives exactly 1.0 for all four in float32 and float64, so AUC would tie at 0.5
+    logits = torch.tensor([[0.0, 40.0], [0.0, 45.0], [0.0, 50.0], [0.0, 42.0]])
+    assert classification_metrics(logits, torch.tensor([0, 1, 1, 0]))["auc"] == 1.0
+    x = torch.randn(6, 4, dtype=torch.float64)
+    p = x.softmax(dim=1)
+    assert torch.allclose(log_odds(x), (p / (1 - p)).log())

@@ -11,21 +11,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 from mimkit.checkpoint import write_text_atomic
 from mimkit.viz import save_figure
 
 
 def medmnist_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """probs [N, C] (softmax), labels [N] -> AUC in [0, 1] (nan when it is undefined)."""
-    from sklearn.metrics import roc_auc_score
-
+    """probs [N, C] (softmax, or any per-class increasing function of it such as log-softmax: AUC only
+    ranks), labels [N] -> AUC in [0, 1] (nan when it is undefined)."""
     y = labels.cpu().numpy()
-    p = probs.float().cpu().numpy()
+    p = probs.double().cpu().numpy()
     if p.shape[1] == 2:
         return float(roc_auc_score(y, p[:, 1])) if len(set(y.tolist())) == 2 else float("nan")
     aucs = [roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
     return float(sum(aucs) / len(aucs)) if aucs else float("nan")
+
+
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """[N, C] logits -> [N, C] log(p_c / (1 - p_c)) in float64, an increasing function of each softmax
+    probability that does not saturate: softmax itself rounds large margins to exactly 0 or 1, which
+    ties the AUC ranking."""
+    x = logits.double()
+    classes = x.shape[1]
+    others = x.unsqueeze(1).expand(-1, classes, -1).masked_fill(torch.eye(classes, dtype=torch.bool), float("-inf"))
+    return x - others.logsumexp(dim=-1)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
@@ -45,7 +55,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
     out: dict[str, Any] = {
         "num_images": int(labels.numel()),
         "top1": float((pred == labels).float().mean() * 100),
-        "auc": medmnist_auc(logits.softmax(dim=1), labels),
+        "auc": medmnist_auc(log_odds(logits), labels),
         "per_class_accuracy": {n: (a if t > 0 else None) for n, a, t in zip(names, per_class, per_class_total.tolist())},
         "class_names": names,
         "confusion_matrix": confusion.tolist(),
