@@ -32,7 +32,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        # ".NAME.XXXX.tmp": the pattern a resumed run sweeps away when a kill left one behind
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
