@@ -15,7 +15,6 @@ are parsed as YAML (``train.epochs=40``, ``train.betas=[0.9,0.95]``, ``train.cli
 from __future__ import annotations
 
 import copy
-import copy
 import dataclasses
 import difflib
 import json

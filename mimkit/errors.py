@@ -24,3 +24,7 @@ class TrainingError(MimkitError, RuntimeError):
 
 class DataError(MimkitError, ValueError):
     """A data problem (path, file, image, split) the user can fix."""
+
+
+class MissingSplitError(DataError):
+    """The data has no such split (as opposed to a split it cannot read); optional splits catch it."""

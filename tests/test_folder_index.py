@@ -117,3 +117,14 @@ def test_labels_are_int64_and_select_keeps_classes(tmp_path):
     ix = fi.index_folder(tmp_path)
     assert ix.labels.dtype == np.int64
     assert ix.select([1]).class_names == ["a", "b"] and ix.select([1]).labels.tolist() == [1]
+
+
+def test_file_order_is_a_sorted_os_walk(tmp_path):
+    """The in-memory loader's order (top-level files before sub-folders, '-' names after their prefix)."""
+    _make_tree(tmp_path, ["z.png", "a.png", "sub/b.png", "n1/x.png", "n1-2/x.png", "n1/deep/y.png"])
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(tmp_path):
+        dirnames.sort()
+        walked += [os.path.relpath(os.path.join(dirpath, f), tmp_path) for f in sorted(filenames)]
+    assert [os.path.relpath(f, tmp_path) for f in fi.index_folder(tmp_path).files] == walked
+    assert walked[:2] == ["a.png", "z.png"]  # a plain string sort would put sub/ between them

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimkit.errors import DataError
+from mimkit.errors import DataError, MissingSplitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -64,16 +64,16 @@ def split_folder(root: Path, split: str) -> tuple[Path, dict[str, Path]]:
     split_roots = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if "train" not in split_roots:
         if split != "train":
-            raise DataError(f"Unknown split '{split}' for folder {root}: it has no train/ sub-folder, so only "
+            raise MissingSplitError(f"Unknown split '{split}' for folder {root}: it has no train/ sub-folder, so only "
                             f"split 'train' exists (add train/, val/, test/ sub-folders to have more).")
         return root, {"train": root}
     if split not in split_roots:
-        raise DataError(f"Unknown split '{split}' for folder {root}: choose one of {', '.join(split_roots)}.")
+        raise MissingSplitError(f"Unknown split '{split}' for folder {root}: choose one of {', '.join(split_roots)}.")
     return split_roots[split], split_roots
 
 
 def _walk(top: str) -> tuple[list[str], dict[str, int]]:
-    """(image paths relative to ``top``, sorted; {directory: mtime_ns} of every directory walked)."""
+    """(image paths relative to ``top`` in sorted-walk order; {directory: mtime_ns} of every directory walked)."""
     files: list[str] = []
     mtimes: dict[str, int] = {}
     stack = [""]
@@ -90,8 +90,14 @@ def _walk(top: str) -> tuple[list[str], dict[str, int]]:
                     stack.append(name)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     files.append(name)
-    files.sort()
+    files.sort(key=_walk_order)
     return files, mtimes
+
+
+def _walk_order(rel: str) -> list[tuple[int, str]]:
+    """Sort key of a sorted ``os.walk``: a folder's files (by name) before its sub-folders (by name)."""
+    *folders, name = rel.split("/")
+    return [(1, f) for f in folders] + [(0, name)]
 
 
 def _class_of(rel: str) -> str | None:

@@ -28,20 +28,20 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from mimkit.data.folder_index import FileIndex, index_folder, merge_indices
+from mimkit.data.sources import TIFF_EXTENSIONS, to_hwc
 from mimkit.data.transforms import interpolation_mode
 from mimkit.errors import DataError
 
-TIFF_EXTENSIONS = (".tif", ".tiff")
 _PIL_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1,
                  "P": 3, "RGB": 3, "RGBA": 3, "RGBX": 3, "CMYK": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
 _PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-MAX_CHANNELS = 64
 
 
 def _is_tiff(path: str) -> bool:
@@ -51,8 +51,6 @@ def _is_tiff(path: str) -> bool:
 def header_channels(path: str) -> tuple[int, str]:
     """(channel count, storage family "uint8" | "uint16" | "float") read from a file's header."""
     if _is_tiff(path):
-        import tifffile
-
         with tifffile.TiffFile(path) as tif:
             shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
         dims = [s for s in shape if s > 1]
@@ -89,24 +87,12 @@ def _pil_array(im: Image.Image) -> np.ndarray:
 
 
 def _tiff_hwc(path: str, channels: int) -> np.ndarray:
-    """A TIFF stack as [H, W, C] (the smallest axis of a 3-D stack is the channel axis)."""
-    import tifffile
-
-    a = np.squeeze(np.asarray(tifffile.imread(path)))
-    if a.ndim == 2:
-        a = a[..., None]
-    elif a.ndim == 3:
-        axis = int(np.argmin(a.shape))
-        if a.shape[axis] > MAX_CHANNELS:
-            raise DataError(f"Image {path} has shape {a.shape} and no axis of <= {MAX_CHANNELS} channels: save "
-                            f"one 2-D (multi-channel) image per file.")
-        a = np.moveaxis(a, axis, -1)
-    else:
-        raise DataError(f"Image {path} has shape {a.shape}: save one 2-D (multi-channel) image per file.")
+    """A TIFF stack as [H, W, C] (:func:`mimkit.data.sources.to_hwc`: the smallest axis is the channel axis)."""
+    a = to_hwc(np.asarray(tifffile.imread(path)), Path(path))
     if a.shape[-1] != channels:
         raise DataError(f"Image {path} has {a.shape[-1]} channels but the dataset has {channels}: give all TIFF "
                         f"stacks the same channel count.")
-    return np.ascontiguousarray(a)
+    return a
 
 
 class LazyImageDataset(Dataset):

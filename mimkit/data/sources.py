@@ -24,11 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from mimkit.data import medmnist
-from mimkit.errors import DataError
+from mimkit.data.folder_index import SPLITS, index_folder
+from mimkit.errors import DataError, MissingSplitError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 TIFF_EXTENSIONS = (".tif", ".tiff")
-SPLITS = ("train", "val", "test")
 MAX_CHANNELS = 64  # a 3-D TIFF axis this small or smaller can be the channel axis
 
 # Value that maps to 1.0 for each supported storage dtype (float images are kept as they are).
@@ -239,7 +238,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as e:  # decoder errors come in many types; all mean "bad file"
         raise DataError(f"Cannot read image {path} ({e}): remove or replace it.") from e
-    return _to_hwc(a, path)
+    return to_hwc(a, path)
 
 
 def _read_pil(path: Path) -> np.ndarray:
@@ -267,7 +266,7 @@ def _read_pil(path: Path) -> np.ndarray:
     return a
 
 
-def _to_hwc(a: np.ndarray, path: Path) -> np.ndarray:
+def to_hwc(a: np.ndarray, path: Path) -> np.ndarray:
     if a.ndim > 3:
         a = np.squeeze(a)  # e.g. (1, C, H, W) pages/z of length one
     if a.ndim == 2:
@@ -321,7 +320,7 @@ def load_dataset(path: str | os.PathLike, split: str = "train") -> ImageDataset:
 
 def _check_split(split: str, available: Sequence[str], what: str) -> None:
     if split not in available:
-        raise DataError(f"Unknown split '{split}' for {what}: choose one of "
+        raise MissingSplitError(f"Unknown split '{split}' for {what}: choose one of "
                         f"{', '.join(available)}.")
 
 
@@ -406,22 +405,6 @@ def load_digits(split: str = "train", seed: int = 0) -> ImageDataset:
                         source=f"sklearn digits [{split}]")
 
 
-def _scan(root: Path) -> list[Path]:
-    """All image files under ``root`` (recursive, sorted, hidden files and dirs skipped)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return out
-
-
-def _class_of(f: Path, root: Path) -> str | None:
-    """Immediate sub-folder name if ``f`` is ``root/<class>/<file>``, else None."""
-    rel = f.relative_to(root).parts
-    return rel[0] if len(rel) == 2 else None
-
-
 def load_folder(path: str | os.PathLike, split: str = "train",
                 num_workers: int | None = None) -> ImageDataset:
     """Load a folder of images into memory.
@@ -442,34 +425,10 @@ def load_folder(path: str | os.PathLike, split: str = "train",
     ``num_workers`` threads decode files (default ``min(8, cpu_count)``; decoders release the
     GIL).
     """
-    root = Path(path).expanduser()
-    split_roots = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if "train" in split_roots:
-        _check_split(split, list(split_roots), f"folder {root}")
-        folder = split_roots[split]
-    else:
-        if split != "train":
-            raise DataError(f"Unknown split '{split}' for folder {root}: it has no train/ "
-                            f"sub-folder, so only split 'train' exists (add train/, val/, "
-                            f"test/ sub-folders to have more).")
-        split_roots = {"train": root}
-        folder = root
-
-    files = _scan(folder)
-    if not files:
-        raise DataError(f"No images found under {folder}: expected PNG/JPEG/BMP/TIFF files, "
-                        f"optionally in class sub-folders.")
-
-    # Classes: all split folders must be ImageFolder-shaped for labels to mean anything.
-    all_files = {s: (files if r == folder else _scan(r)) for s, r in split_roots.items()}
-    cls = {s: [_class_of(f, r) for f in all_files[s]] for s, r in split_roots.items()}
-    labelled = all(c is not None for cs in cls.values() for c in cs)
-    if labelled:
-        class_names = sorted({c for cs in cls.values() for c in cs})
-        index = {c: i for i, c in enumerate(class_names)}
-        labels = np.array([index[c] for c in cls[split]], dtype=np.int64)
-    else:
-        class_names, labels = None, None
+    index = index_folder(path, split)  # layout rules and labels: mimkit.data.folder_index
+    files = index.files
+    class_names = index.class_names or None
+    labels = index.labels if class_names else None
 
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -490,4 +449,4 @@ def load_folder(path: str | os.PathLike, split: str = "train",
         raise DataError(f"Image {bad} is {im.dtype} but the others are {common}: give all "
                         f"images the same bit depth.")
     return ImageDataset(images, labels, class_names=class_names,
-                        source=f"{folder} [{split}]")
+                        source=f"{index.root} [{split}]")

@@ -9,12 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from mimkit.checkpoint import load_file
 from mimkit.data import ImageDataset, load_dataset
 from mimkit.engine.trainer import TrainingSetup, run_training
-from mimkit.errors import ConfigError, DataError
+from mimkit.errors import ConfigError, DataError, MissingSplitError
 from mimkit.eval.metrics import write_metrics
 
 
@@ -28,25 +26,6 @@ def fit_batch_to_data(cfg, num_images: int, log=print) -> None:
         cfg.train.batch_size = fitted
 
 
-def split_missing(path: str, split: str) -> bool:
-    """True when the data at ``path`` has no ``split`` at all, as opposed to one it cannot read.
-
-    An npz without ``{split}_images``; a folder with train/ but no ``split``/ sub-folder, or a
-    folder without train/ (it is the train split) for any other split. Anything else (digits,
-    medmnist:NAME, an unreadable file) counts as present, so the data layer's error stands.
-    """
-    p = Path(str(path)).expanduser()
-    if p.is_dir():
-        return not (p / split).is_dir() if (p / "train").is_dir() else split != "train"
-    if p.is_file() and p.suffix.lower() == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as npz:
-                return f"{split}_images" not in npz.files
-        except Exception:  # unreadable: the data layer names the problem
-            return False
-    return False
-
-
 def load_labelled_split(path: str, split: str, required: bool = True) -> ImageDataset | None:
     """An ImageDataset with labels, or None for an optional split that the data does not have.
 
@@ -55,8 +34,8 @@ def load_labelled_split(path: str, split: str, required: bool = True) -> ImageDa
     """
     try:
         ds = load_dataset(path, split)
-    except DataError:
-        if required or not split_missing(path, split):
+    except MissingSplitError:
+        if required:
             raise
         return None
     if ds.num_classes == 0 or (ds.labels < 0).any():
