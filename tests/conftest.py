@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimkit.config import DataConfig
+from mimkit.data import compute_channel_stats, load_dataset
+
 # Tests share two cores with whatever else runs; one thread keeps timings stable and results exact.
 torch.set_num_threads(int(os.environ.get("MIMKIT_TEST_THREADS", "1")))
 
@@ -55,3 +58,14 @@ def blood() -> Path:
 
 # A MAE small enough for CPU tests: 2 encoder blocks, 1 decoder block.
 TINY_MAE = ["model.name=mae_vit_tiny_patch4", "model.depth=2", "model.decoder_depth=1", "model.norm_pix_loss=true"]
+
+
+def breast_multicrop(model, count: int) -> list[torch.Tensor]:
+    """``model``'s multi-crop views of the first ``count`` BreastMNIST train images, stacked per view
+    as the engine's collate gives them: [global_1 [N, ...], global_2, local_1, ...]."""
+    ds = load_dataset(shared_file("breastmnist.npz"), "train")
+    mean, std = compute_channel_stats(ds)
+    transform = model.pretrain_transform(28, mean, std, DataConfig())
+    torch.manual_seed(1)
+    per_image = [transform(ds[i][0]) for i in range(count)]
+    return [torch.stack(views) for views in zip(*per_image)]

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from mimkit.cli import main
-from mimkit.config import DataConfig, load_config
-from mimkit.data import compute_channel_stats, load_dataset
+from mimkit.config import load_config
 from mimkit.engine.optim import param_groups
 from mimkit.engine.trainer import pretrain
 from mimkit.errors import ConfigError
@@ -20,7 +19,7 @@ from mimkit.masking import attmask, attention_scores
 from mimkit.methods.ibot import IBOT, attention_contrastive_loss
 from mimkit.registry import create_model
 
-from .conftest import REPO, shared_file
+from .conftest import REPO, breast_multicrop, shared_file
 
 # Small enough for a CPU test: 2 blocks, 256-d head, 2 local crops.
 TINY_IBOT = dict(depth=2, out_dim=256, patch_out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32, num_local_crops=2)
@@ -35,12 +34,7 @@ def tiny_ibot(**overrides) -> IBOT:
 @pytest.fixture(scope="module")
 def breast_crops():
     """Multi-crop views of 6 real BreastMNIST images, as the engine's collate gives them."""
-    ds = load_dataset(shared_file("breastmnist.npz"), "train")
-    mean, std = compute_channel_stats(ds)
-    transform = tiny_ibot().pretrain_transform(28, mean, std, DataConfig())
-    torch.manual_seed(1)
-    per_image = [transform(ds[i][0]) for i in range(6)]
-    return [torch.stack(views) for views in zip(*per_image)]
+    return breast_multicrop(tiny_ibot(), 6)
 
 
 def test_a_step_trains_the_student_only(breast_crops):

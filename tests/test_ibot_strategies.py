@@ -14,14 +14,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mimkit.config import DataConfig, load_config
-from mimkit.data import compute_channel_stats, load_dataset
+from mimkit.config import load_config
 from mimkit.engine.trainer import pretrain
 from mimkit.masking import MASK_STRATEGIES, attention_scores, mask_noise_size, strategy_mask, uniform_noise
 from mimkit.methods import ibot as ibot_module
 from mimkit.registry import create_model
 
-from .conftest import REPO, shared_file
+from .conftest import REPO, breast_multicrop, shared_file
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, out_dim=64, patch_out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, num_local_crops=1)
 # Different scores and blocks per crop: crop 1 reads block 0, crop 2 the last block.
@@ -37,12 +36,7 @@ def tiny_ibot(**kwargs):
 @pytest.fixture(scope="module")
 def crops():
     """Multi-crop views [global_1, global_2, local_1] of 6 real BreastMNIST images."""
-    ds = load_dataset(shared_file("breastmnist.npz"), "train")
-    mean, std = compute_channel_stats(ds)
-    transform = tiny_ibot().pretrain_transform(28, mean, std, DataConfig())
-    torch.manual_seed(1)
-    per_image = [transform(ds[i][0]) for i in range(BATCH)]
-    return [torch.stack(views) for views in zip(*per_image)]
+    return breast_multicrop(tiny_ibot(), BATCH)
 
 
 def teacher_scores(model, globals_: torch.Tensor) -> list[torch.Tensor]:
