@@ -24,7 +24,7 @@ from mimkit.methods.base import eval_encoders, select_encoder
 from mimkit.methods.dama import DAMA, _encode_with_mlp_outputs, dama_original_to_mimkit
 from mimkit.viz.masks import dama_mask_panels
 from tests.conftest import REPO
-from tests.test_eval_cli import cls_features, numpy_weighted_knn, split_tensors
+from tests.reference import cls_features, numpy_weighted_knn, split_tensors
 
 TINY_DAMA = ["model.name=dama_vit_tiny_patch4", "model.depth=2", "model.decoder_depth=1", "model.last_k_blocks=2"]
 

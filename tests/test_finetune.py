@@ -16,7 +16,7 @@ from mimkit.models.classifier import ViTClassifier, transfer_encoder_weights
 from mimkit.models.pos_embed import interpolate_pos_embed, sincos_2d
 from mimkit.models.vit import MaskedViT
 from tests.conftest import TINY_MAE, shared_file
-from tests.test_eval_cli import split_tensors
+from tests.reference import split_tensors
 
 TINY_VIT = dict(img_size=28, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 

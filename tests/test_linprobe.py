@@ -18,7 +18,7 @@ from mimkit.eval.features import probe_features
 from mimkit.loading import build_from_checkpoint, load_encoder
 from mimkit.models.vit import MaskedViT
 from tests.conftest import TINY_MAE, shared_file
-from tests.test_eval_cli import cls_features, split_tensors
+from tests.reference import cls_features, split_tensors
 
 
 def test_lars_update_matches_hand_computation():
