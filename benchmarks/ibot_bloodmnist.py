@@ -86,7 +86,7 @@ def main() -> None:
 
     untrained_row = None
     if args.untrained:
-        from mimkit.engine.trainer import prepare_data
+        from mimkit.engine.pretrain_data import prepare_data
         from mimkit.registry import create_model
 
         cfg = load_config(args.config, args.overrides)

@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -48,14 +48,33 @@ def _section(cls: type, meaning: str) -> Any:
 class DataConfig:
     """Where the images come from and how they are augmented for pretraining."""
 
-    path: str = _key("digits", 'image folder, MedMNIST .npz, "medmnist:NAME[@SIZE]" or "digits" (embedded)')
+    path: Union[str, list[str]] = _key(
+        "digits", 'image folder (or a list of folders, classes merged by name), MedMNIST .npz, '
+        '"medmnist:NAME[@SIZE]" or "digits" (embedded)')
     split: str = _key("train", "split used for pretraining")
     mean: Optional[list[float]] = _key(None, "per-channel mean in [0, 1] units; null = computed from the data")
     std: Optional[list[float]] = _key(None, "per-channel std (> 0), given together with data.mean")
     crop_scale: list[float] = _key([0.2, 1.0], "RandomResizedCrop area range [min, max] within (0, 1]")
     hflip: bool = _key(True, "random horizontal flip during pretraining")
     interpolation: str = _key("bicubic", "resampling of crops and resizes")
-    num_workers: int = _key(0, "DataLoader workers; 0 = load in the training process (best for in-memory data)")
+    num_workers: Union[int, str] = _key(
+        "auto", "DataLoader workers; auto = 0 for data in memory, else the cores of this process (at most 8)")
+    in_memory: Union[bool, str] = _key(
+        "auto", "image folders: true = decode all into memory first, false = decode per item in the workers, "
+        "auto = in memory when the estimated decoded size is under half the available memory")
+    on_error: str = _key(
+        "skip", "pretraining: an unreadable image file is raise (stop) or skip (replaced by another image, counted)")
+    max_bad_fraction: float = _key(
+        0.001, "pretraining stops when more than this fraction of the files failed to read in an epoch")
+    subset: Optional[str] = _key(None, "pretrain on a subset: first_per_class, random (both with subset_fraction) "
+                                       "or file_list (with subset_file)")
+    subset_fraction: Optional[float] = _key(None, "fraction in (0, 1] of the files (per class for first_per_class)")
+    subset_seed: int = _key(0, "seed of data.subset=random")
+    subset_file: Optional[str] = _key(None, "data.subset=file_list: text file, one image path per line (absolute "
+                                            "or relative to the split folder)")
+    draft: bool = _key(False, "decode large JPEGs at 1/2, 1/4 or 1/8 scale when the crop box stays at least twice "
+                              "the output size (faster; a slight low-pass of large crops)")
+    stats_images: int = _key(10000, "channel mean/std are estimated from a seeded sample of this many images")
     # Evaluation (finetune / linprobe / knn): splits and label fractions of the labelled train split.
     val_split: Optional[str] = _key("val", "evaluation: split that picks best.pt; null (or absent) = no validation")
     test_split: str = _key("test", "evaluation: split the final metrics are reported on")
@@ -154,6 +173,8 @@ _CHOICES = {
     ("linprobe", "pool"): ("cls", "mean"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest"),
+    ("data", "on_error"): ("raise", "skip"),
+    ("data", "subset"): ("first_per_class", "random", "file_list"),
 }
 
 
@@ -219,7 +240,7 @@ def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
             raise _unknown_key(f"{prefix}.{key}", names)
         kwargs[key] = _check_type(value, hints[key], f"{prefix}.{key}")
         choices = _CHOICES.get((prefix, key))
-        if choices and kwargs[key] not in choices:
+        if choices and kwargs[key] is not None and kwargs[key] not in choices:
             raise ConfigError(f"{prefix}.{key} must be one of {', '.join(choices)}, got {value!r}.")
     return cls(**kwargs)
 
@@ -255,6 +276,8 @@ def _check_range(cfg: Config, key: str, interval: str) -> None:
 # Fractions and probabilities that cannot leave their interval.
 _RANGES = {
     "data.label_fraction": "(0, 1]",
+    "data.subset_fraction": "(0, 1]",
+    "data.max_bad_fraction": "[0, 1]",
     "finetune.layer_decay": "(0, 1]",
     "finetune.drop_path": "[0, 1)",
     "finetune.smoothing": "[0, 1)",
@@ -285,6 +308,20 @@ def _check_stats(d: DataConfig) -> None:
         raise ConfigError(f"data.mean must be finite, got {d.mean}: fix it, or set data.mean=null data.std=null.")
 
 
+def _check_data_mechanics(d: DataConfig) -> None:
+    """data.in_memory / num_workers take auto or a value; data.path lists are not empty."""
+    if not isinstance(d.in_memory, bool) and d.in_memory != "auto":
+        raise ConfigError(f"data.in_memory must be auto, true or false, got {d.in_memory!r}.")
+    if isinstance(d.num_workers, str) and d.num_workers != "auto":
+        raise ConfigError(f"data.num_workers must be auto or a whole number of 0 or more, got {d.num_workers!r}.")
+    if isinstance(d.num_workers, int) and d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be 0 or more, got {d.num_workers}: e.g. data.num_workers=auto.")
+    if isinstance(d.path, list) and not d.path:
+        raise ConfigError("data.path is an empty list: give a folder, or a list of folders [a, b].")
+    if d.stats_images < 1:
+        raise ConfigError(f"data.stats_images must be at least 1, got {d.stats_images}.")
+
+
 def _check_model(resolved: dict[str, Any]) -> None:
     ratio = resolved.get("mask_ratio")
     if ratio is not None and not 0.0 < ratio < 1.0:
@@ -312,6 +349,7 @@ def validate(cfg: Config) -> Config:
     _check_crop_scale("finetune.crop_scale", cfg.finetune.crop_scale)
     _check_stats(cfg.data)
     d = cfg.data
+    _check_data_mechanics(d)
     if d.labels_per_class is not None and d.label_fraction is not None:
         raise ConfigError("Set data.labels_per_class or data.label_fraction, not both.")
     if d.labels_per_class is not None and d.labels_per_class < 1:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tifffile
 import pytest
 import torch
 from PIL import Image
@@ -72,13 +73,16 @@ def _npz_files(root: Path, rng: np.random.Generator) -> None:
 
 
 def _folders(root: Path, rng: np.random.Generator) -> None:
-    """Image folders: empty, with a corrupt file, with mixed channels, unlabelled."""
+    """Image folders: empty, with a corrupt file, with TIFF stacks of two channel counts, unlabelled."""
     (root / "empty").mkdir()
     grey = lambda: rng.integers(0, 256, (8, 8), dtype=np.uint8)  # noqa: E731
-    _png(root / "corrupt" / "a.png", grey())
+    for i in range(16):
+        _png(root / "corrupt" / f"a{i:02d}.png", grey())
     (root / "corrupt" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG")
-    _png(root / "mixed_channels" / "a.png", grey())
-    _png(root / "mixed_channels" / "b.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (root / "mixed_stacks").mkdir()
+    for name in ("a", "c"):
+        tifffile.imwrite(root / "mixed_stacks" / f"{name}.tif", np.zeros((7, 8, 8), np.uint16))
+    tifffile.imwrite(root / "mixed_stacks" / "b.tif", np.zeros((5, 8, 8), np.uint16))
     for i in range(4):
         _png(root / "unlabelled" / f"{i}.png", grey())
     for name, broken in (("bad_test", "test"), ("bad_val", "val")):  # train/val/test, one broken file
@@ -179,10 +183,15 @@ ROWS = [
     Row("visualize-out-is-a-folder", VIZ + " --out {run}", "--out {run} is a folder, not a file: pass a file path"),
     Row("visualize-out-not-an-image", VIZ + " --out {run}/figure.txt", "end it in .png, .pdf or .svg"),
     # --- images
-    Row("corrupt-image", "pretrain {T} data.path={world}/corrupt output_dir={run}",
+    Row("corrupt-image-raise", "pretrain {T} data.path={world}/corrupt data.on_error=raise output_dir={run}",
         "Cannot read image {world}/corrupt/b.png"),
-    Row("mixed-channels", "pretrain {T} data.path={world}/mixed_channels output_dir={run}",
-        "has 3 channels but the others have 1: give all images the same channel count"),
+    Row("corrupt-image-over-the-cap", "pretrain {T} data.path={world}/corrupt output_dir={run}",
+        "1 of 17 image files (5.9 %) could not be read while loading, more than data.max_bad_fraction=0.001 "
+        "(first: {world}/corrupt/b.png): check the data"),
+    Row("corrupt-image-lazy-over-the-cap", "pretrain {T} data.path={world}/corrupt data.in_memory=false "
+        "output_dir={run}", "1 of 17 image files (5.9 %) could not be read by epoch 1, more than"),
+    Row("mixed-channel-stacks", "pretrain {T} data.path={world}/mixed_stacks data.on_error=raise output_dir={run}",
+        "mixed_stacks/b.tif has 5 channels but the dataset has 7: give all TIFF stacks the same channel count"),
     Row("images-smaller-than-patch-knn", "knn --checkpoint {world}/run/last.pt --data {world}/tiny_images.npz",
         "images of 2x2 pixels, smaller than one 4x4 patch"),
     Row("images-smaller-than-patch-pretrain", "pretrain {T} data.path={world}/tiny_images.npz output_dir={run}",

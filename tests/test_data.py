@@ -193,12 +193,22 @@ def test_16bit_png_keeps_16_bits(tmp_path):
     torch.testing.assert_close(ds[0][0][0], torch.from_numpy(a.astype(np.float32)) / 65535)
 
 
-def test_mixed_channel_counts_raise(tmp_path):
+def test_a_greyscale_file_among_rgb_ones_is_converted_to_rgb(tmp_path):
+    """ImageNet holds greyscale and CMYK JPEGs: they take the dataset's (most common) channel count."""
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4) * 15
     _save_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
     _save_png(tmp_path / "b.png", np.zeros((4, 4, 3), np.uint8))
-    _save_png(tmp_path / "c.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(DataError, match=r"c\.png has 1 channels but the others have 3: give all "
-                                        r"images the same channel count"):
+    _save_png(tmp_path / "c.png", grey)
+    ds = load_dataset(tmp_path)
+    assert ds.num_channels == 3 and np.array_equal(ds.raw(2), np.repeat(grey[..., None], 3, axis=2))
+
+
+def test_tiff_stacks_with_other_channel_counts_raise(tmp_path):
+    import tifffile
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"{i}.tif", np.zeros((7, 8, 8), np.uint16))
+    tifffile.imwrite(tmp_path / "odd.tif", np.zeros((5, 8, 8), np.uint16))
+    with pytest.raises(DataError, match=r"odd\.tif has 5 channels but the dataset has 7: give all TIFF stacks"):
         load_dataset(tmp_path)
 
 

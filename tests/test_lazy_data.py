@@ -12,8 +12,8 @@ from torchvision import transforms as T
 
 from mimkit.data.device import DeviceNormalize, prefetch_to_device
 from mimkit.data.folder_index import index_folder
-from mimkit.data.lazy import LazyCropDataset, LazyImageDataset, PretrainCrop, load_lazy_folder
-from mimkit.engine.sampling import SeededSampler, generator_seed
+from mimkit.data.lazy import LazyImageDataset, PretrainCrop, load_lazy_folder
+from mimkit.engine.sampling import SeededSampler, SeededTransformDataset
 from mimkit.errors import DataError
 
 
@@ -91,13 +91,13 @@ def test_skip_replaces_a_corrupt_file_deterministically_and_reports_it(jpeg_fold
     bad = jpeg_folder / "a" / "1.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")
     ds = load_lazy_folder(jpeg_folder, on_error="skip")
-    items = LazyCropDataset(ds, PretrainCrop(16), generator_seed)
+    items = SeededTransformDataset(ds, PretrainCrop(16))
     index = ds.files.index(str(bad))
     image, label, seed, failed = items[(index, 42)]
     assert failed == str(bad) and image.shape == (3, 16, 16)
     again = items[(index, 42)]
     assert torch.equal(again[0], image) and again[1] == label  # same replacement every time
-    strict = LazyCropDataset(load_lazy_folder(jpeg_folder), PretrainCrop(16), generator_seed)
+    strict = SeededTransformDataset(load_lazy_folder(jpeg_folder), PretrainCrop(16))
     with pytest.raises(DataError, match=r"Cannot read image .*1\.jpg.*data.on_error=skip"):
         strict[(index, 42)]
 
@@ -114,7 +114,7 @@ def test_device_normalize_equals_the_per_image_formula():
 
 def test_batches_do_not_depend_on_the_worker_count(jpeg_folder):
     ds = load_lazy_folder(jpeg_folder)
-    items = LazyCropDataset(ds, PretrainCrop(24, hflip=True), generator_seed)
+    items = SeededTransformDataset(ds, PretrainCrop(24, hflip=True))
 
     def epoch(workers):
         sampler = SeededSampler(len(ds), seed=3)
@@ -130,4 +130,5 @@ def test_index_labels_travel_with_items(jpeg_folder):
     ds = LazyImageDataset(index_folder(jpeg_folder))
     assert ds.class_names == ["a", "b"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     image, label = ds[4]
-    assert label == 1 and image.dtype == torch.uint8 and image.shape[0] == 3
+    assert label == 1 and image.dtype == torch.float32 and image.shape[0] == 3
+    assert torch.equal(image, torch.from_numpy(ds.decode(4)).permute(2, 0, 1).float() / 255)  # as ImageDataset gives it

@@ -8,7 +8,8 @@
 from .fractions import apply_label_fraction, stratified_indices
 from mimkit.errors import DataError
 
-from .sources import ImageDataset, load_dataset, read_image
+from .collection import load_dataset
+from .sources import ImageDataset, read_image
 from .transforms import TransformedDataset, build_transform, compute_channel_stats, stats_for
 
 __all__ = [

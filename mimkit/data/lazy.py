@@ -48,20 +48,20 @@ def _is_tiff(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in TIFF_EXTENSIONS
 
 
-def header_channels(path: str) -> tuple[int, str]:
-    """(channel count, storage family "uint8" | "uint16" | "float") read from a file's header."""
+def header_info(path: str) -> tuple[int, str, int]:
+    """(channel count, storage family "uint8" | "uint16" | "float", pixels per channel) from a file's header."""
     if _is_tiff(path):
         with tifffile.TiffFile(path) as tif:
             shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
         dims = [s for s in shape if s > 1]
         channels = 1 if len(dims) <= 2 else min(dims)
-        return channels, "float" if dtype.kind == "f" else str(dtype)
+        return channels, "float" if dtype.kind == "f" else str(dtype), math.prod(dims) // channels
     with Image.open(path) as im:
-        mode = im.mode
+        mode, (width, height) = im.mode, im.size
     if mode not in _PIL_CHANNELS:
         raise DataError(f"Image {path} has the unsupported mode {mode}: save it as greyscale or RGB.")
     family = "uint16" if mode.startswith("I") else "float" if mode == "F" else "uint8"
-    return _PIL_CHANNELS[mode], family
+    return _PIL_CHANNELS[mode], family, width * height
 
 
 def _pil_to_channels(im: Image.Image, channels: int) -> Image.Image:
@@ -98,10 +98,10 @@ def _tiff_hwc(path: str, channels: int) -> np.ndarray:
 class LazyImageDataset(Dataset):
     """The images of a :class:`FileIndex`, decoded on access.
 
-    ``ds[i]`` -> ``(image, label)``: image ``[C, H, W]`` in the file's storage dtype (uint8, or
-    int32 holding 16-bit values, or float32), converted to ``num_channels``; label an int (-1 =
-    unlabeled). With a ``transform`` (e.g. :class:`PretrainCrop`) the transform receives the
-    file path and the channel count and decodes itself, so it can crop while decoding.
+    ``ds[i]`` -> ``(image, label)`` as :class:`~mimkit.data.sources.ImageDataset` gives them: image
+    float32 ``[C, H, W]`` in [0, 1] with ``num_channels`` channels, label an int (-1 = unlabeled), so
+    any image transform (evaluation, iBOT's multi-crop) works on it unchanged. ``decode(i)`` gives
+    the stored pixels; :class:`PretrainCrop` decodes files itself, so it can crop while decoding.
 
     ``num_channels`` defaults to the most common channel count among the headers of up to 256
     seeded sampled files (ImageNet's greyscale and CMYK JPEGs become RGB).
@@ -122,21 +122,30 @@ class LazyImageDataset(Dataset):
         self.scale = {"uint8": 255.0, "uint16": 65535.0}.get(self.storage, 1.0)
 
     def _probe(self, num_channels: int | None, seed: int) -> tuple[int, str]:
+        """Channel count (most common) and storage from up to 256 seeded headers; also sets
+        ``mean_pixels``, the mean pixel count per channel of those files (memory estimates)."""
         n = len(self.files)
         picks = np.random.default_rng(seed).choice(n, size=min(n, 256), replace=False)
-        seen: list[tuple[int, str]] = []
+        seen: list[tuple[int, str, int]] = []
         for i in picks:
             try:
-                seen.append(header_channels(self.files[i]))
+                seen.append(header_info(self.files[i]))
             except Exception:  # noqa: BLE001 - a bad file is the error policy's business, not the probe's
                 continue
         if not seen:
             raise DataError(f"None of the {len(picks)} sampled files under {self.source} could be opened: are they "
                             f"images?")
-        channels = num_channels or max(set(c for c, _ in seen), key=[c for c, _ in seen].count)
-        families = {f for c, f in seen}
+        counts = [c for c, _, _ in seen]
+        channels = num_channels or max(set(counts), key=counts.count)
+        families = {f for _, f, _ in seen}
         storage = "float" if "float" in families else "uint16" if "uint16" in families else "uint8"
+        self.mean_pixels = float(np.mean([p for _, _, p in seen]))
         return channels, storage
+
+    def decoded_bytes(self) -> int:
+        """Estimated memory of every file decoded (storage dtype), from the sampled headers."""
+        itemsize = {"uint8": 1, "uint16": 2}.get(self.storage, 4)
+        return int(len(self.files) * self.mean_pixels * self.num_channels * itemsize)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -155,7 +164,9 @@ class LazyImageDataset(Dataset):
             raise DataError(f"Cannot read image {path} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(self.decode(i)).permute(2, 0, 1)
+        image = torch.from_numpy(self.decode(i).astype(np.float32)).permute(2, 0, 1)
+        if self.scale != 1.0:
+            image = image / self.scale
         return image, int(self.labels[i])
 
     def readable(self, i: int, read) -> tuple[object, int, list[str]]:
@@ -192,9 +203,13 @@ def _crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[f
 class PretrainCrop:
     """RandomResizedCrop(size, scale, ratio) + optional flip of a lazily decoded file -> [C, S, S].
 
-    8-bit output stays uint8 (normalised later on the device); 16-bit and float files are cropped
-    as float32 in [0, 1] (Pillow cannot resize multi-channel 16-bit stacks).
+    Called as ``crop(dataset, i)`` (``reads_files``): it opens file ``i`` itself. 8-bit data stays
+    uint8 (normalised later, batched, on the device: :meth:`output_scale` is 255); 16-bit and
+    float files are cropped as float32 in [0, 1] (scale 1; Pillow cannot resize multi-channel
+    16-bit stacks).
     """
+
+    reads_files = True
 
     def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0), *, ratio=(3 / 4, 4 / 3),
                  interpolation: str = "bicubic", hflip: bool = False, draft: bool = False):
@@ -202,22 +217,26 @@ class PretrainCrop:
         self.mode, self.resample = interpolation_mode(interpolation), _PIL_RESAMPLE[interpolation]
         self.hflip, self.draft = hflip, draft
 
-    def __call__(self, dataset: LazyImageDataset, i: int) -> torch.Tensor:
-        path = dataset.files[i]
+    def __call__(self, dataset, i: int) -> torch.Tensor:
+        """Crop of item ``i`` of a :class:`LazyImageDataset` or an in-memory ``ImageDataset``
+        (the same pixels either way, unless ``draft`` reduces a lazily decoded JPEG)."""
+        lazy = isinstance(dataset, LazyImageDataset)
+        where = dataset.files[i] if lazy else f"{i} of {dataset.source}"
         try:
-            if dataset.storage == "uint8" and not _is_tiff(path):
-                out = self._crop_pil(path, dataset.num_channels)
+            if lazy and dataset.storage == "uint8" and not _is_tiff(where):
+                out = self._crop_file(where, dataset.num_channels)
             else:
-                out = self._crop_array(dataset.decode(i), dataset.scale)
+                out = self._crop_pixels(dataset.decode(i) if lazy else dataset.raw(i), dataset.storage, dataset.scale)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
-            raise DataError(f"Cannot read image {path} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
+            raise DataError(f"Cannot read image {where} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
         if self.hflip and torch.rand(()) < 0.5:
             out = out.flip(-1)
         return out
 
-    def _crop_pil(self, path: str, channels: int) -> torch.Tensor:
+    def _crop_file(self, path: str, channels: int) -> torch.Tensor:
+        """Open, (draft-)decode and crop an 8-bit file: the box is drawn on the full-size image."""
         with Image.open(path) as im:
             width, height = im.size
             top, left, h, w = _crop_box(width, height, self.scale, self.ratio)
@@ -226,11 +245,22 @@ class PretrainCrop:
                 im.draft(im.mode, (math.ceil(width / reduce), math.ceil(height / reduce)))
                 fx, fy = im.size[0] / width, im.size[1] / height
                 top, left, h, w = top * fy, left * fx, h * fy, w * fx
-            im = _pil_to_channels(im, channels)
-            # crop, then resize: torchvision's resized_crop on PIL images, so the pixels equal the official path's
-            box = (round(left), round(top), round(left + w), round(top + h))
-            out = im.crop(box).resize((self.size, self.size), self.resample)
+            return self._resize_pil(_pil_to_channels(im, channels), top, left, h, w)
+
+    def _resize_pil(self, im: Image.Image, top: float, left: float, h: float, w: float) -> torch.Tensor:
+        # crop, then resize: torchvision's resized_crop on PIL images, so the pixels equal the official path's
+        box = (round(left), round(top), round(left + w), round(top + h))
+        out = im.crop(box).resize((self.size, self.size), self.resample)
         return torch.from_numpy(_pil_array(out)).permute(2, 0, 1).contiguous()
+
+    def _crop_pixels(self, hwc: np.ndarray, storage: str, scale: float) -> torch.Tensor:
+        """Crop decoded pixels ``[H, W, C]``: grey/RGB 8-bit through Pillow (as a file would be), the
+        rest (TIFF stacks, 16-bit, float) as tensors."""
+        if storage == "uint8" and hwc.shape[2] in (1, 3):
+            im = Image.fromarray(np.ascontiguousarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc))
+            top, left, h, w = _crop_box(im.size[0], im.size[1], self.scale, self.ratio)
+            return self._resize_pil(im, top, left, h, w)
+        return self._crop_array(hwc, storage, scale)
 
     def _draft_factor(self, im: Image.Image, h: int, w: int) -> int:
         """Largest JPEG reduction (1, 2, 4, 8) that keeps the box at least 2 x size on its short side."""
@@ -241,38 +271,22 @@ class PretrainCrop:
             reduce *= 2
         return reduce
 
-    def _crop_array(self, hwc: np.ndarray, scale: float) -> torch.Tensor:
-        x = torch.from_numpy(hwc.astype(np.float32)).permute(2, 0, 1)
-        if scale != 1.0:
-            x = x / scale
+    @staticmethod
+    def output_scale(dataset) -> float:
+        """The value of 1.0 in this crop's output for ``dataset``: 255 (uint8) or 1 (float)."""
+        return 255.0 if dataset.storage == "uint8" else 1.0
+
+    def _crop_array(self, hwc: np.ndarray, storage: str, scale: float) -> torch.Tensor:
+        """Crop decoded pixels (TIFF stacks, 16-bit files): uint8 stays uint8, the rest -> float in [0, 1]."""
+        if storage == "uint8":
+            x = torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.uint8)).permute(2, 0, 1)
+        else:
+            x = torch.from_numpy(hwc.astype(np.float32)).permute(2, 0, 1)
+            if scale != 1.0:
+                x = x / scale
         top, left, h, w = _crop_box(x.shape[2], x.shape[1], self.scale, self.ratio)
         return v2.functional.resized_crop(x, top, left, h, w, [self.size, self.size], interpolation=self.mode,
                                           antialias=True)
-
-
-class LazyCropDataset(Dataset):
-    """``(index, seed)`` items of the engine's sampler -> ``(crop, label, seed, failed paths)``.
-
-    The crop runs under the sample's own seed (as :class:`~mimkit.engine.sampling.SeededTransformDataset`
-    does for in-memory data); a file that cannot be read is replaced per the dataset's ``on_error``.
-    """
-
-    def __init__(self, dataset: LazyImageDataset, crop: PretrainCrop, seed_to_generator):
-        self.dataset, self.crop, self.seed_to_generator = dataset, crop, seed_to_generator
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-
-        def read(j: int) -> torch.Tensor:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed_to_generator(seed))
-                return self.crop(self.dataset, j)
-
-        image, used, failed = self.dataset.readable(index, read)
-        return image, int(self.dataset.labels[used]), seed, "\n".join(failed)
 
 
 def load_lazy_folder(paths: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train", *,

@@ -1,11 +1,11 @@
-"""Image sources: an in-memory dataset and the loaders that fill it.
+"""Image sources: the in-memory dataset, image file readers, and the array sources that fill it.
 
-``load_dataset(path, split)`` understands
+* a MedMNIST-style ``.npz`` file (``{split}_images``, ``{split}_labels``): :func:`load_npz`,
+* ``digits`` (scikit-learn's bundled 8x8 digits: works offline, for demos and tests):
+  :func:`load_digits`.
 
-* a MedMNIST-style ``.npz`` file (``{split}_images``, ``{split}_labels``),
-* ``medmnist:NAME`` / ``medmnist:NAME@SIZE`` (downloaded once, md5-checked; see ``medmnist.py``),
-* ``digits`` (scikit-learn's bundled 8x8 digits: works offline, for demos and tests),
-* a folder of PNG/JPEG/BMP/WebP/TIFF images, class sub-folders optional.
+Folders of images are loaded by :func:`mimkit.data.collection.load_dataset`, which dispatches
+between all sources.
 
 Every problem a user can fix is raised as :class:`DataError` with one sentence naming the
 problem and the fix.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mimkit.data import medmnist
-from mimkit.data.folder_index import SPLITS, index_folder
+from mimkit.data.folder_index import SPLITS
 from mimkit.errors import DataError, MissingSplitError
 
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -157,6 +156,16 @@ class ImageDataset(Dataset):
             return self.image_size
         return min((tuple(int(s) for s in im.shape[:2]) for im in self._images), key=min)
 
+    @property
+    def storage(self) -> str:
+        """Storage family of the pixels: "uint8", "uint16" or "float"."""
+        return _family(np.dtype(self.dtype))
+
+    @property
+    def scale(self) -> float:
+        """The stored value that means 1.0 (255, 65535, or 1 for floats)."""
+        return self._scale
+
     def raw(self, i: int) -> np.ndarray:
         """Stored pixels of image ``i``: ``[H, W, C]`` in the native dtype (no copy)."""
         return self._images[i]
@@ -283,41 +292,6 @@ def to_hwc(a: np.ndarray, path: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loaders
 
-def load_dataset(path: str | os.PathLike, split: str = "train") -> ImageDataset:
-    """Load images for ``split`` ("train", "val" or "test") from ``path``.
-
-    ``path`` may be:
-
-    * ``"digits"``: scikit-learn's 1797 8x8 grey digits (values 0..16 -> uint8 x*255/16,
-      10 classes). Stratified split per class with a fixed seed (0): 20 % test, 10 % val, the
-      rest train (1259 / 179 / 359 images).
-    * ``"medmnist:NAME"`` or ``"medmnist:NAME@SIZE"``: the official MedMNIST file, downloaded
-      once into ``$MIMKIT_DATA`` (default ``~/.cache/mimkit``) and md5-checked.
-    * a ``.npz`` file in the MedMNIST layout: ``{split}_images`` ``[N, H, W]`` or
-      ``[N, H, W, C]`` (uint8/uint16/float) and optional ``{split}_labels`` ``[N]`` or
-      ``[N, 1]``. Multi-label arrays ``[N, k]`` (chestmnist) keep their first column only.
-      ``num_classes`` is taken over all splits in the file, so every split agrees.
-    * a folder of images, see :func:`load_folder`.
-
-    Raises DataError for a missing path, unknown kind, unknown split or bad image.
-    """
-    spec = os.fspath(path)
-    if spec.strip().lower() == "digits":
-        return load_digits(split)
-    if spec.strip().lower().startswith("medmnist:"):
-        return load_npz(medmnist.fetch(spec), split)
-    p = Path(spec).expanduser()
-    if not p.exists():
-        raise DataError(f"Data path {p} does not exist: pass a folder of images, a .npz file, "
-                        f"'digits' or 'medmnist:NAME[@SIZE]'.")
-    if p.is_dir():
-        return load_folder(p, split)
-    if p.suffix.lower() == ".npz":
-        return load_npz(p, split)
-    raise DataError(f"Cannot load {p}: pass a folder of images, a .npz file, 'digits' or "
-                    f"'medmnist:NAME[@SIZE]'.")
-
-
 def _check_split(split: str, available: Sequence[str], what: str) -> None:
     if split not in available:
         raise MissingSplitError(f"Unknown split '{split}' for {what}: choose one of "
@@ -340,7 +314,7 @@ def _first_column(labels: np.ndarray) -> np.ndarray:
 
 
 def load_npz(path: str | os.PathLike, split: str = "train") -> ImageDataset:
-    """Load one split of a MedMNIST-style ``.npz`` (see :func:`load_dataset`)."""
+    """Load one split of a MedMNIST-style ``.npz`` (layout: :func:`mimkit.data.collection.load_dataset`)."""
     p = Path(path)
     try:
         npz = np.load(p, allow_pickle=False)  # never unpickle objects from a data file
@@ -403,50 +377,3 @@ def load_digits(split: str = "train", seed: int = 0) -> ImageDataset:
     idx = np.sort(np.concatenate(parts[split]))
     return ImageDataset(images[idx], target[idx], class_names=[str(i) for i in range(10)],
                         source=f"sklearn digits [{split}]")
-
-
-def load_folder(path: str | os.PathLike, split: str = "train",
-                num_workers: int | None = None) -> ImageDataset:
-    """Load a folder of images into memory.
-
-    Layout:
-
-    * Splits: if the folder has a ``train/`` sub-folder, ``split`` picks ``train/``, ``val/`` or
-      ``test/``; otherwise the folder itself is the ``train`` split and other splits are
-      refused.
-    * Classes (ImageFolder style): if every image of the split (and of the other split folders)
-      sits directly in an immediate sub-folder, the sorted sub-folder names are the classes,
-      taken over all split folders so class indices agree between splits. Otherwise
-      (images at the top level or nested deeper) the images are unlabeled (label -1).
-    * Images: see :func:`read_image` (grey -> 1 channel, RGB -> 3, RGBA -> alpha dropped,
-      TIFF stacks CHW or HWC). All images must have the same channel count and dtype family;
-      sizes may differ (``image_size`` is then None and the transforms resize).
-
-    ``num_workers`` threads decode files (default ``min(8, cpu_count)``; decoders release the
-    GIL).
-    """
-    index = index_folder(path, split)  # layout rules and labels: mimkit.data.folder_index
-    files = index.files
-    class_names = index.class_names or None
-    labels = index.labels if class_names else None
-
-    workers = num_workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(read_image, files))
-
-    # Name the odd file out rather than failing on a generic shape error.
-    chans = Counter(im.shape[2] for im in images)
-    if len(chans) > 1:
-        common = chans.most_common(1)[0][0]
-        bad = next(f for f, im in zip(files, images) if im.shape[2] != common)
-        n_bad = next(im.shape[2] for im in images if im.shape[2] != common)
-        raise DataError(f"Image {bad} has {n_bad} channels but the others have {common}: "
-                        f"give all images the same channel count.")
-    fams = Counter(_family(im.dtype) for im in images)
-    if len(fams) > 1:
-        common = fams.most_common(1)[0][0]
-        bad, im = next((f, im) for f, im in zip(files, images) if _family(im.dtype) != common)
-        raise DataError(f"Image {bad} is {im.dtype} but the others are {common}: give all "
-                        f"images the same bit depth.")
-    return ImageDataset(images, labels, class_names=class_names,
-                        source=f"{index.root} [{split}]")

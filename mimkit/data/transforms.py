@@ -7,6 +7,8 @@ torchvision v2 functional ops used here work on float tensors with any ``C`` (1,
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,6 +16,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
+
+from mimkit.errors import DataError
 
 from .sources import ImageDataset
 
@@ -31,20 +35,36 @@ def interpolation_mode(name: str) -> InterpolationMode:
     return _INTERPOLATION[name]
 
 
-def stats_for(dataset, recorded: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+def stats_for(dataset, recorded: dict[str, list[float]] | None = None,
+              max_images: int = 10000) -> dict[str, list[float]]:
     """Normalisation statistics ``{"mean", "std"}``: ``recorded`` ones (a checkpoint's pretraining
-    statistics) when their channel count fits ``dataset``, else computed from the data."""
+    statistics) when their channel count fits ``dataset``, else computed from a seeded sample of
+    at most ``max_images`` images of the data."""
     if recorded is not None and len(recorded["mean"]) == dataset.num_channels:
         return {"mean": list(recorded["mean"]), "std": list(recorded["std"])}
-    mean, std = compute_channel_stats(dataset)
+    mean, std = compute_channel_stats(dataset, max_images)
     return {"mean": mean, "std": std}
+
+
+def _image_sums(ds, i: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per-channel sum, sum of squares and pixel count of ``ds[i]``; None for a file the
+    dataset's ``on_error=skip`` policy skips (it is counted by the training loop, not here)."""
+    try:
+        img = ds[i][0]
+    except DataError:
+        if getattr(ds, "on_error", "raise") == "skip":
+            return None
+        raise
+    x = (img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img))
+    x = x.astype(np.float64).reshape(x.shape[0], -1)  # [C, H*W]
+    return x.sum(1), np.square(x).sum(1), x.shape[1]
 
 
 def compute_channel_stats(ds, max_images: int = 10000,
                           seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the pixels, in [0, 1] units.
 
-    Uses a random subset of at most ``max_images`` images (``np.random.default_rng(seed)``,
+    Uses a seeded random sample of at most ``max_images`` images (``np.random.default_rng(seed)``,
     so the result is reproducible). Sums and sums of squares are accumulated in float64 over
     chunks of images (vectorised; no Python loop over pixels). std is the population std,
     floored at 1e-6 so that normalising a constant channel does not divide by zero.
@@ -75,14 +95,13 @@ def compute_channel_stats(ds, max_images: int = 10000,
             total = total + x.sum(0)
             total_sq = total_sq + np.square(x).sum(0)
             count += x.shape[0]
-    else:  # images of different sizes, or a generic dataset: one image at a time
-        for i in idx:
-            img = ds[int(i)][0]
-            x = (img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img))
-            x = x.astype(np.float64).reshape(x.shape[0], -1)  # [C, H*W]
-            total = total + x.sum(1)
-            total_sq = total_sq + np.square(x).sum(1)
-            count += x.shape[1]
+    else:  # images of different sizes, lazy folders, any dataset: one image at a time, in threads
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for sums in pool.map(lambda i: _image_sums(ds, int(i)), idx):
+                if sums is not None:
+                    total, total_sq, count = total + sums[0], total_sq + sums[1], count + sums[2]
+        if not count:
+            raise DataError(f"None of the {len(idx)} images sampled for channel statistics could be read: check the data.")
     mean = total / count
     var = np.maximum(total_sq / count - mean**2, 0.0)  # clamp tiny negative round-off
     std = np.maximum(np.sqrt(var), 1e-6)

@@ -25,7 +25,8 @@ _PERIODIC = re.compile(r"checkpoint-(\d+)\.pt")
 # Settings that cannot change what a run computes: they may differ between a run and its resume.
 FREE_SETTINGS = frozenset({
     "output_dir", "train.resume", "train.resume_changed", "train.progress", "train.log_every", "train.device",
-    "train.compile", "train.save_every", "data.num_workers", "data.test_split", "finetune.eval_batch_size",
+    "train.compile", "train.save_every", "data.num_workers", "data.max_bad_fraction", "data.test_split",
+    "finetune.eval_batch_size",
     "linprobe.cache_dir",
 })
 # The config sections each task reads (``model`` is compared as the checkpoint's model_config).

@@ -139,19 +139,35 @@ def seeded_rngs(seed: int):
 
 
 class SeededTransformDataset(Dataset):
-    """Applies ``transform`` under the sample's own RNG seeds (:func:`seeded_rngs`); returns
-    (image, label, seed). The global generators are restored, so seeding disturbs nothing else.
+    """``(index, seed)`` from :class:`SeededSampler` -> ``(view, label, seed, failed_paths)``.
+
+    ``transform`` runs under the sample's own RNG seeds (:func:`seeded_rngs`; the global generators
+    are restored, so seeding disturbs nothing else). It takes the image ``dataset[index][0]``, or,
+    when it has ``reads_files = True`` (:class:`~mimkit.data.lazy.PretrainCrop`), ``(dataset,
+    index)`` so it can open the file itself. A dataset with ``readable`` (lazy folders) may replace
+    an unreadable file by another under its ``on_error=skip`` policy; ``failed_paths`` names the
+    files that failed on the way, one per line ("" when none), so the loop can count them.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, dataset: Dataset, transform: Callable):
         self.dataset, self.transform = dataset, transform
+        self.reads_files = getattr(transform, "reads_files", False)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
+    def _view(self, index: int, seed: int):
+        if self.reads_files:
+            with seeded_rngs(seed):
+                return self.transform(self.dataset, index), int(self.dataset.labels[index])
         image, label = self.dataset[index]
         with seeded_rngs(seed):
-            image = self.transform(image)
-        return image, label, seed
+            return self.transform(image), label
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        if hasattr(self.dataset, "readable"):
+            (view, label), _, failed = self.dataset.readable(index, lambda j: self._view(j, seed))
+            return view, label, seed, "\n".join(failed)
+        view, label = self._view(index, seed)
+        return view, label, seed, ""

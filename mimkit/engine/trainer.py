@@ -31,59 +31,21 @@ import mimkit
 from mimkit.checkpoint import extract_state_dict, load_state_dict_checked, remove_stray_temporaries, save_atomic
 from mimkit.checkpoint import write_text_atomic
 from mimkit.config import Config, dump_config
-from mimkit.data import build_transform, load_dataset, stats_for
-from mimkit.data.sources import check_patch_fits
+from mimkit.data.device import prefetch_to_device
 from mimkit.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from mimkit.engine.guard import FiniteGuard, gated_step, grad_norm
 from mimkit.engine.optim import build_optimizer
+from mimkit.engine.pretrain_data import prepare_data, pretrain_inputs, worker_count
 from mimkit.engine.run_log import RunLog, progress_bar
 from mimkit.engine.run_state import check_resumable, find_resume_point, rng_state, set_rng_state
 from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, check_run_seed, generator_seed, init_seed
 from mimkit.engine.sampling import sample_seed
 from mimkit.engine.schedule import scaled_lr, warmup_cosine
+from mimkit.engine.unreadable import UnreadableFiles
 from mimkit.errors import ConfigError
 from mimkit.registry import create_model, model_arguments, resolve_model_kwargs
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def prepare_data(cfg: Config) -> tuple[Any, dict[str, Any], dict[str, list[float]]]:
-    """Load the pretraining split; fill in the channel count and normalisation statistics.
-
-    Returns (dataset, model_config, {"mean", "std"}). ``model_config`` is ``cfg.model`` with
-    ``in_chans`` set from the data, so a checkpoint can rebuild exactly this model.
-    """
-    dataset = load_dataset(cfg.data.path, cfg.data.split)
-    model_config = dict(cfg.model)
-    check_patch_fits(dataset, resolve_model_kwargs(**model_config)["patch_size"])
-    given = model_config.get("in_chans")
-    if given is None:
-        model_config["in_chans"] = dataset.num_channels
-    elif given != dataset.num_channels:
-        raise ConfigError(
-            f"model.in_chans is {given} but the images in {cfg.data.path} have {dataset.num_channels} channels: "
-            f"remove model.in_chans to use the data's channel count."
-        )
-    if cfg.data.mean is not None:
-        if len(cfg.data.mean) != dataset.num_channels or len(cfg.data.std) != dataset.num_channels:
-            raise ConfigError(
-                f"data.mean/data.std need {dataset.num_channels} values (one per channel), got "
-                f"{len(cfg.data.mean)}/{len(cfg.data.std)}."
-            )
-        stats = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
-    else:
-        stats = stats_for(dataset)
-    return dataset, model_config, stats
-
-
-def _pretrain_transform(model: nn.Module, cfg: Config, img_size: int, stats: dict[str, list[float]]):
-    """The method's own augmentation (e.g. multi-crop) if it defines one, else the MAE recipe."""
-    if hasattr(model, "pretrain_transform"):
-        return model.pretrain_transform(img_size, stats["mean"], stats["std"], cfg.data)
-    return build_transform(
-        "pretrain", img_size, stats["mean"], stats["std"],
-        crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation,
-    )
 
 
 def _weight_decay_at(t_cfg, epoch: float) -> float:
@@ -99,7 +61,11 @@ class TrainingSetup:
     """What a task (pretrain, finetune, linprobe) hands to the loop.
 
     model: the method (``forward -> StepOutput``), on the device.
-    dataset: items ``(image, label)``; ``transform`` runs per sample under the sample's seed.
+    dataset: items ``(image, label)``; ``transform`` runs per sample under the sample's seed (see
+        :class:`~mimkit.engine.sampling.SeededTransformDataset`), in the DataLoader workers.
+    on_device: optional batch transform on the training device (uint8 crops -> normalised float).
+    num_workers: DataLoader workers; None = ``data.num_workers`` (auto: 0, data in memory).
+    unreadable: the counter of files that fail to decode; None = a fresh one over ``dataset``.
     model_config: rebuilds the model; a resume into a run of another model is refused.
     stats: data normalisation recorded in the checkpoint.
     evaluate: optional ``(model, epoch) -> {"score": float, ...}`` after every epoch (higher is better),
@@ -116,6 +82,9 @@ class TrainingSetup:
     description: str = ""
     evaluate: Callable[[nn.Module, int], dict[str, float] | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    on_device: Callable[[torch.Tensor], torch.Tensor] | None = None
+    num_workers: int | None = None
+    unreadable: UnreadableFiles | None = None
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -137,29 +106,28 @@ def run_training(cfg: Config, make_setup: Callable[[Config, DistInfo, torch.devi
 
 
 def _pretrain_setup(cfg: Config, di: DistInfo, device: torch.device) -> TrainingSetup:
-    dataset, model_config, stats = prepare_data(cfg)
+    data, model_config, stats = prepare_data(cfg, print if di.is_main else (lambda *a, **k: None))
     # Schedules inside the method (iBOT's teacher momentum) span the run unless the config says otherwise.
     if "total_epochs" in model_arguments(model_config["name"]) and model_config.get("total_epochs") is None:
         model_config["total_epochs"] = cfg.train.epochs
     model_kwargs = resolve_model_kwargs(**model_config)
     torch.manual_seed(init_seed(cfg.train.seed))
     model = create_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"}).to(device)
-    transform = _pretrain_transform(model, cfg, model_kwargs["img_size"], stats)
+    transform, on_device = pretrain_inputs(model, cfg, data, model_kwargs["img_size"], stats, device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     description = (f"{model_config['name']} ({n_params:.1f}M params) on {cfg.data.path} "
-                   f"[{len(dataset)} images, {model_config['in_chans']} ch]")
-    return TrainingSetup(model, dataset, transform, model_config, stats, "pretrain", description)
+                   f"[{len(data.dataset)} images{', decoded per batch' if data.lazy else ''}, "
+                   f"{model_config['in_chans']} ch]")
+    unreadable = UnreadableFiles(data.num_files, cfg.data.max_bad_fraction, data.unreadable)
+    unreadable.check(0, None)
+    return TrainingSetup(model, data.dataset, transform, model_config, stats, "pretrain", description,
+                         on_device=on_device, num_workers=worker_count(cfg.data.num_workers, data.lazy),
+                         unreadable=unreadable)
 
 
 def train_loop(cfg: Config, di: DistInfo, device: torch.device, setup: TrainingSetup) -> dict[str, Any]:
     """Train ``setup`` as ``cfg.train`` says (resuming from output_dir when it holds a run); returns the summary."""
     return _Loop(cfg, di, device, setup).run()
-
-
-def _to_device(images, device: torch.device):
-    if isinstance(images, (list, tuple)):  # multi-crop methods get a list of views
-        return [x.to(device, non_blocking=True) for x in images]
-    return images.to(device, non_blocking=True)
 
 
 def _prepare_output_dir(out: Path) -> None:
@@ -198,6 +166,7 @@ class _Loop:
         self.last_good: tuple[Path, int] | None = None
         self.summary: dict[str, Any] = {}
         self.images_seen = 0
+        self.unreadable = setup.unreadable or UnreadableFiles(len(setup.dataset), cfg.data.max_bad_fraction)
 
     def run(self) -> dict[str, Any]:
         if self.di.is_main:
@@ -224,11 +193,13 @@ class _Loop:
     def _build_loader(self) -> tuple[SeededSampler, DataLoader, int]:
         """Seeded sampler + loader; iterations per epoch rounded down to whole accumulation windows."""
         t, dataset = self.t, self.setup.dataset
+        workers = self.setup.num_workers
+        if workers is None:
+            workers = worker_count(self.cfg.data.num_workers, lazy=False)
         sampler = SeededSampler(len(dataset), t.seed, self.di.rank, self.di.world_size)
         loader = DataLoader(
             SeededTransformDataset(dataset, self.setup.transform), batch_size=t.batch_size, sampler=sampler,
-            num_workers=self.cfg.data.num_workers, drop_last=True, persistent_workers=self.cfg.data.num_workers > 0,
-            pin_memory=self.device.type == "cuda",
+            num_workers=workers, drop_last=True, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
         )
         iters = len(loader) // t.accum_iter * t.accum_iter
         if iters == 0:
@@ -331,9 +302,12 @@ class _Loop:
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
         window_start, window_iters, epoch_start = time.perf_counter(), 0, time.perf_counter()
-        for it, (images, labels, seeds) in enumerate(self.loader):
+        self.unreadable.start_epoch()
+        # The next batch's host-to-device copy overlaps this step (CUDA; pinned memory).
+        for it, (images, labels, seeds, failed) in enumerate(prefetch_to_device(self.loader, self.device)):
             if it >= self.iters_per_epoch:
                 break
+            self.unreadable.add(failed)
             for k, v in self._micro_step(epoch, it, images, labels, seeds).items():
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0) + v
@@ -364,8 +338,9 @@ class _Loop:
             self._set_schedule(progress)
         if hasattr(self.method, "set_epoch"):
             self.method.set_epoch(progress)
-        images = _to_device(images, self.device)
-        kwargs = {"labels": labels.to(self.device, non_blocking=True)} if getattr(self.method, "uses_labels", False) else {}
+        if self.setup.on_device is not None:
+            images = self.setup.on_device(images)
+        kwargs = {"labels": labels} if getattr(self.method, "uses_labels", False) else {}
         boundary = (it + 1) % self.t.accum_iter == 0
         sync = contextlib.nullcontext() if boundary or not self.di.enabled else self.step_model.no_sync()
         with sync:
@@ -394,10 +369,12 @@ class _Loop:
         """Every log_every iterations, the loop's only host sync: log the window's mean metrics, and
         stop if a step since the last window failed (anywhere) or a metric is not finite."""
         keys = sorted(window)
-        reduced = all_reduce_mean(torch.cat([torch.stack([window[k] for k in keys]) / iters, self.guard.failed()]))
-        *values, failed = reduced.tolist()
+        bad = torch.tensor([self.unreadable.local_count() / self.di.world_size], device=self.device)
+        reduced = all_reduce_mean(torch.cat([torch.stack([window[k] for k in keys]) / iters, self.guard.failed(), bad]))
+        *values, failed, bad_files = reduced.tolist()
         if failed or not all(math.isfinite(v) for v in values):
             self._stop(epoch, failed, dict(zip(keys, values)))
+        self.unreadable.check(round(bad_files * self.di.world_size), epoch)
         record = {"kind": "train", "epoch": epoch, "step": self.step, "lr": self.lr, **dict(zip(keys, values)),
                   "images_per_s": iters * self.t.batch_size * self.di.world_size / max(elapsed, 1e-9)}
         self.log.log(record)
@@ -419,9 +396,14 @@ class _Loop:
         n_images = self.iters_per_epoch * self.t.batch_size * self.di.world_size
         self.images_seen += n_images
         keys = sorted(sums)
-        means = dict(zip(keys, all_reduce_mean(torch.stack([sums[k] for k in keys]) / self.iters_per_epoch).tolist()))
+        bad = torch.tensor([self.unreadable.local_count() / self.di.world_size], device=self.device)
+        *values, bad_files = all_reduce_mean(torch.cat([torch.stack([sums[k] for k in keys]) / self.iters_per_epoch,
+                                                        bad])).tolist()
+        means = dict(zip(keys, values))
+        unreadable = self.unreadable.report(round(bad_files * self.di.world_size))
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, "lr": self.lr, **means,
-                  "epoch_time_s": epoch_time, "images_per_s": n_images / epoch_time}
+                  "epoch_time_s": epoch_time, "images_per_s": n_images / epoch_time,
+                  "unreadable_files": unreadable["count"]}
         scores = self.setup.evaluate(self.method, epoch) if self.setup.evaluate is not None else None  # every rank
         is_best = scores is not None and scores["score"] > self.best_score
         if scores is not None:
@@ -429,13 +411,17 @@ class _Loop:
         if is_best:
             self.best_score, self.best_record = scores["score"], {"epoch": epoch, **scores}
         self.log.log(record)
-        self.summary = {"final_epoch": epoch + 1, **{f"final_{k}": v for k, v in means.items()}}
+        self.summary = {"final_epoch": epoch + 1, **{f"final_{k}": v for k, v in means.items()},
+                        "unreadable_files": unreadable}
         if self.di.is_main:
             metric_text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             if scores is not None:
                 metric_text += " | " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
             print(f"epoch {epoch + 1}/{self.t.epochs}  {metric_text}  lr {self.lr:.3g}  "
                   f"{record['images_per_s']:.0f} img/s  {epoch_time:.1f}s", flush=True)
+            if unreadable["count"]:
+                print(f"  {unreadable['count']} unreadable image files skipped ({100 * unreadable['fraction']:.2g} %; "
+                      f"first: {', '.join(unreadable['first'])})", flush=True)
             self._save(epoch, is_best)
         barrier()
         self.last_good = (self.out / "last.pt", epoch)
