@@ -432,8 +432,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    if key.split(".")[-1] in {"path", "output_dir", "name", "split"} and value is not None:
-        value = raw  # paths and names stay strings even if they look like numbers
+    if key.split(".")[-1] in {"path", "output_dir", "name", "split"} and value is not None and not isinstance(value, list):
+        value = raw  # paths and names stay strings even if they look like numbers (a list of paths stays a list)
     return key.split("."), value
 
 

@@ -41,7 +41,7 @@ def test_config_show_one_key_a_section_and_the_model(capsys):
     assert main(["config", "show", "data"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == [f"data.{f.name}" for f in dataclasses.fields(Config().data)]
-    assert 'data.path (str, default "digits"): ' in lines[0]
+    assert 'data.path (str or list[str], default "digits"): ' in lines[0]
     assert main(["config", "show", "model", "--model", "dama_vit_tiny_patch4"]) == 0
     model = capsys.readouterr().out
     assert "model.mask_overlap_ratio (float, default 0.5): rho, fraction of student 1's visible patches" in model

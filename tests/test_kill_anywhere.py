@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mimkit.checkpoint import load_file
 from tests.conftest import REPO, TINY_MAE
@@ -49,6 +50,11 @@ class Command:
     args: list[str]
     epochs: int
     kills: int
+    name: str = ""  # folder and report name; default the task
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task
 
     def argv(self, out: Path) -> list[str]:
         return [sys.executable, "-m", "mimkit", self.task, *self.args, f"train.epochs={self.epochs}", *RUN,
@@ -198,12 +204,26 @@ def _tiny_npz(path: Path) -> Path:
     return path
 
 
+def _jpeg_folder(root: Path) -> Path:
+    """64 grey/RGB/CMYK 8x8..12x12 JPEGs in 2 classes, plus one truncated file."""
+    rng = np.random.default_rng(1)
+    modes = ("RGB", "L", "CMYK")
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(32):
+            side = 8 + i % 5
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).convert(modes[i % 3]).save(
+                root / c / f"{i:02d}.jpg")
+    (root / "a" / "zz.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
 def _chains_of(cmd: Command, train_time: float | None, seed: int, tmp: Path):
     """(command, reference folder, [(chain folder, kills)]), measuring the reference when needed."""
-    ref = tmp / f"{cmd.task}_ref"
+    ref = tmp / f"{cmd.label}_ref"
     if train_time is None:
         train_time = uninterrupted(cmd, ref)
-    return cmd, ref, killed_chains(cmd, tmp / f"{cmd.task}_killed", train_time, random.Random(seed))
+    return cmd, ref, killed_chains(cmd, tmp / f"{cmd.label}_killed", train_time, random.Random(seed))
 
 
 def test_runs_killed_anywhere_resume_to_the_uninterrupted_result(tmp_path):
@@ -214,16 +234,20 @@ def test_runs_killed_anywhere_resume_to_the_uninterrupted_result(tmp_path):
     source = f"--checkpoint={tmp_path / 'pretrain_ref' / 'last.pt'}"
     fine = Command("finetune", [source, f"--data={data}", "train.batch_size=16"], epochs=4, kills=4)
     probe = Command("linprobe", [source, f"--data={data}", "train.batch_size=32"], epochs=6, kills=4)
-    # Three commands side by side: each thread mostly waits on its subprocess (two cores).
-    with ThreadPoolExecutor(3) as pool:
+    # A lazily decoded JPEG folder (2 persistent workers, one unreadable file skipped each epoch).
+    lazy = Command("pretrain", [*TINY, f"data.path={_jpeg_folder(tmp_path / 'jpegs')}", "data.in_memory=false",
+                                "data.num_workers=2", "data.max_bad_fraction=0.05", "train.batch_size=16"],
+                   epochs=3, kills=4, name="pretrain_lazy")
+    # Four commands side by side: each thread mostly waits on its subprocess (two cores).
+    with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda job: _chains_of(*job, tmp_path),
-                                [(pre, pre_time, 0), (fine, None, 1), (probe, None, 2)]))
+                                [(pre, pre_time, 0), (fine, None, 1), (probe, None, 2), (lazy, None, 3)]))
     elapsed = time.monotonic() - start
     report = []
     for cmd, ref, chains in results:
         landed = [kill for _, kills in chains for kill in kills]
-        assert len(landed) >= cmd.kills, f"{cmd.task}: only {landed} landed"
+        assert len(landed) >= cmd.kills, f"{cmd.label}: only {landed} landed"
         for out, _ in chains:
             assert_same_run(ref, out)
-        report.append(f"{cmd.task} ({len(chains)} chain(s)): {', '.join(landed)}")
-    print(f"kill anywhere: {sum(c.kills for c in (pre, fine, probe))}+ kills in {elapsed:.0f}s; " + "; ".join(report))
+        report.append(f"{cmd.label} ({len(chains)} chain(s)): {', '.join(landed)}")
+    print(f"kill anywhere: {sum(c.kills for c in (pre, fine, probe, lazy))}+ kills in {elapsed:.0f}s; " + "; ".join(report))

@@ -19,7 +19,6 @@ from torchvision.transforms import v2
 
 from mimkit.errors import DataError
 
-from .sources import ImageDataset
 
 _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
@@ -46,18 +45,28 @@ def stats_for(dataset, recorded: dict[str, list[float]] | None = None,
     return {"mean": mean, "std": std}
 
 
+def _stored_pixels(ds, i: int) -> np.ndarray:
+    """Image ``i`` as float64 ``[P, C]`` in [0, 1], from the stored pixels where the dataset keeps
+    them (in memory: ``raw``; lazy folders: ``decode``), so both kinds give bit-identical sums."""
+    for name in ("raw", "decode"):
+        if hasattr(ds, name):
+            x = getattr(ds, name)(i)
+            return x.reshape(-1, x.shape[-1]).astype(np.float64) / ds.scale
+    img = ds[i][0]  # any dataset: a float [C, H, W] image
+    x = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    return x.reshape(x.shape[0], -1).T.astype(np.float64)
+
+
 def _image_sums(ds, i: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """Per-channel sum, sum of squares and pixel count of ``ds[i]``; None for a file the
+    """Per-channel sum, sum of squares and pixel count of image ``i``; None for a file the
     dataset's ``on_error=skip`` policy skips (it is counted by the training loop, not here)."""
     try:
-        img = ds[i][0]
+        x = _stored_pixels(ds, i)
     except DataError:
         if getattr(ds, "on_error", "raise") == "skip":
             return None
         raise
-    x = (img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img))
-    x = x.astype(np.float64).reshape(x.shape[0], -1)  # [C, H*W]
-    return x.sum(1), np.square(x).sum(1), x.shape[1]
+    return x.sum(0), np.square(x).sum(0), x.shape[0]
 
 
 def compute_channel_stats(ds, max_images: int = 10000,
@@ -65,13 +74,14 @@ def compute_channel_stats(ds, max_images: int = 10000,
     """Per-channel mean and std of the pixels, in [0, 1] units.
 
     Uses a seeded random sample of at most ``max_images`` images (``np.random.default_rng(seed)``,
-    so the result is reproducible). Sums and sums of squares are accumulated in float64 over
-    chunks of images (vectorised; no Python loop over pixels). std is the population std,
-    floored at 1e-6 so that normalising a constant channel does not divide by zero.
+    so the result is reproducible). Sums and sums of squares are accumulated in float64 image by
+    image, in index order (threads decode; the order of the sums is fixed), so an image folder
+    gives the same statistics in memory and lazily. std is the population std, floored at 1e-6
+    so that normalising a constant channel does not divide by zero.
 
     Args:
-        ds: an :class:`ImageDataset` (fast path on its stored arrays) or any dataset whose
-            items are ``(image [C, H, W], label)``.
+        ds: an :class:`ImageDataset`, a :class:`~mimkit.data.lazy.LazyImageDataset`, or any
+            dataset whose items are ``(image [C, H, W], label)``.
     Returns:
         (mean, std): two lists of ``C`` floats.
     """
@@ -82,26 +92,13 @@ def compute_channel_stats(ds, max_images: int = 10000,
         idx = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
     else:
         idx = np.arange(n)
-
     total = count = total_sq = 0
-    if isinstance(ds, ImageDataset) and isinstance(ds._images, np.ndarray):
-        scale = ds._scale
-        h, w = ds.image_size
-        chunk = max(1, (1 << 22) // (h * w * ds.num_channels))  # ~32 MiB of float64 per chunk
-        for start in range(0, len(idx), chunk):
-            x = ds._images[idx[start:start + chunk]].astype(np.float64)  # [B, H, W, C]
-            x /= scale
-            x = x.reshape(-1, x.shape[-1])
-            total = total + x.sum(0)
-            total_sq = total_sq + np.square(x).sum(0)
-            count += x.shape[0]
-    else:  # images of different sizes, lazy folders, any dataset: one image at a time, in threads
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for sums in pool.map(lambda i: _image_sums(ds, int(i)), idx):
-                if sums is not None:
-                    total, total_sq, count = total + sums[0], total_sq + sums[1], count + sums[2]
-        if not count:
-            raise DataError(f"None of the {len(idx)} images sampled for channel statistics could be read: check the data.")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for sums in pool.map(lambda i: _image_sums(ds, int(i)), idx):
+            if sums is not None:
+                total, total_sq, count = total + sums[0], total_sq + sums[1], count + sums[2]
+    if not count:
+        raise DataError(f"None of the {len(idx)} images sampled for channel statistics could be read: check the data.")
     mean = total / count
     var = np.maximum(total_sq / count - mean**2, 0.0)  # clamp tiny negative round-off
     std = np.maximum(np.sqrt(var), 1e-6)
