@@ -205,12 +205,12 @@ def _tiny_npz(path: Path) -> Path:
 
 
 def _jpeg_folder(root: Path) -> Path:
-    """64 grey/RGB/CMYK 8x8..12x12 JPEGs in 2 classes, plus one truncated file."""
+    """192 grey/RGB/CMYK 8x8..12x12 JPEGs in 2 classes, plus one truncated file."""
     rng = np.random.default_rng(1)
     modes = ("RGB", "L", "CMYK")
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
-        for i in range(32):
+        for i in range(96):
             side = 8 + i % 5
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).convert(modes[i % 3]).save(
                 root / c / f"{i:02d}.jpg")
@@ -236,8 +236,8 @@ def test_runs_killed_anywhere_resume_to_the_uninterrupted_result(tmp_path):
     probe = Command("linprobe", [source, f"--data={data}", "train.batch_size=32"], epochs=6, kills=4)
     # A lazily decoded JPEG folder (2 persistent workers, one unreadable file skipped each epoch).
     lazy = Command("pretrain", [*TINY, f"data.path={_jpeg_folder(tmp_path / 'jpegs')}", "data.in_memory=false",
-                                "data.num_workers=2", "data.max_bad_fraction=0.05", "train.batch_size=16"],
-                   epochs=3, kills=4, name="pretrain_lazy")
+                                "data.num_workers=2", "data.max_bad_fraction=0.01", "train.batch_size=8"],
+                   epochs=6, kills=4, name="pretrain_lazy")
     # Four commands side by side: each thread mostly waits on its subprocess (two cores).
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda job: _chains_of(*job, tmp_path),
