@@ -38,8 +38,8 @@ from torchvision import transforms as T
 
 from mimkit.data.device import DeviceNormalize
 from mimkit.data.folder_index import index_folder
-from mimkit.data.lazy import LazyCropDataset, LazyImageDataset, PretrainCrop
-from mimkit.engine.sampling import SeededSampler, generator_seed
+from mimkit.data.lazy import LazyImageDataset, PretrainCrop
+from mimkit.engine.sampling import SeededSampler, SeededTransformDataset
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -77,7 +77,7 @@ def official_loader(root: Path, batch: int, workers: int) -> DataLoader:
 
 def mimkit_loader(root: Path, batch: int, workers: int, draft: bool) -> DataLoader:
     dataset = LazyImageDataset(index_folder(root, cache=root.parent / "index-cache"))
-    items = LazyCropDataset(dataset, PretrainCrop(224, scale=(0.2, 1.0), hflip=True, draft=draft), generator_seed)
+    items = SeededTransformDataset(dataset, PretrainCrop(224, scale=(0.2, 1.0), hflip=True, draft=draft))
     return DataLoader(items, batch_size=batch, sampler=SeededSampler(len(dataset), seed=0), num_workers=workers,
                       drop_last=True, persistent_workers=workers > 0)
 

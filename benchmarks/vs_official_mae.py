@@ -21,8 +21,10 @@ What it measures (MAE ViT-Ti/4 at 28 px, 3 channels, batch 128, mask ratio 0.75,
   wd 0.05, 1 epoch with a 1-epoch warmup, W DataLoader workers (mimkit: ``data.num_workers=W``
   when the config has that key), ImageNet mean/std.
 
-One JSON object per measurement is printed (and written to ``--out`` as JSON lines), then a
-summary object.
+One JSON object per measurement is printed (and written to ``--out`` as JSON lines), with
+``loadavg_1m`` (the 1-minute load average when it ended, this benchmark's own threads included:
+well above ``--threads`` plus the DataLoader workers means someone else shared the cores), then a
+summary object per precision / worker count and a final one.
 
 Compatibility shims, applied at run time in the benchmark's processes; no official file is edited
 and none is copied into this repository (``--official-git`` extracts ``git archive HEAD`` into
@@ -523,8 +525,8 @@ def main() -> None:
         import timm
         import torch
 
-        summary = {"part": "summary", "official_dir": str(official), "official_commit": official_commit(args.official_git),
-                   "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
+        summary = {"part": "summary", "official_dir": str(official),
+                   "official_commit": official_commit(args.official_git), "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
                    "threads": args.threads, "batch_size": args.batch_size}
         if args.part in ("step", "all"):
             summary["step"] = part_step(official, args, emit)

@@ -224,3 +224,20 @@ def test_auto_worker_count(monkeypatch):
     assert worker_count("auto", lazy=True) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0})
     assert worker_count("auto", lazy=True) == 1
+
+
+def test_ibot_multi_crop_trains_the_same_from_a_lazy_folder_as_from_memory(tmp_path):
+    """A method with its own augmentation gets the float image of a lazy file, as ImageDataset gives it."""
+    data = make_folder(tmp_path / "data", per_class=8)
+    ibot = ["model.name=ibot_vit_tiny_patch4", "model.img_size=16", "model.depth=1", "model.out_dim=64",
+            "model.patch_out_dim=64", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+            "model.num_local_crops=1", "model.local_crop_size=8", "train.warmup_epochs=0", "train.progress=false",
+            "train.batch_size=8", "train.epochs=1", f"data.path={data}"]
+    runs = {}
+    for mode in ("true", "false"):
+        out = tmp_path / f"ibot_{mode}"
+        pretrain(load_config(None, [*ibot, f"data.in_memory={mode}", f"output_dir={out}"]))
+        runs[mode] = _weights(out)
+    assert runs["true"].keys() == runs["false"].keys()
+    for key, value in runs["true"].items():
+        assert torch.equal(value, runs["false"][key]), key

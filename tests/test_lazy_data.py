@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from mimkit.data import ImageDataset
 from mimkit.data.device import DeviceNormalize, prefetch_to_device
 from mimkit.data.folder_index import index_folder
 from mimkit.data.lazy import LazyImageDataset, PretrainCrop, load_lazy_folder
@@ -131,4 +132,4 @@ def test_index_labels_travel_with_items(jpeg_folder):
     assert ds.class_names == ["a", "b"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     image, label = ds[4]
     assert label == 1 and image.dtype == torch.float32 and image.shape[0] == 3
-    assert torch.equal(image, torch.from_numpy(ds.decode(4)).permute(2, 0, 1).float() / 255)  # as ImageDataset gives it
+    assert torch.equal(image, ImageDataset([ds.decode(4)])[0][0])  # the floats ImageDataset gives

@@ -164,9 +164,10 @@ class LazyImageDataset(Dataset):
             raise DataError(f"Cannot read image {path} ({exc}): remove or replace it, or set data.on_error=skip.") from exc
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(self.decode(i).astype(np.float32)).permute(2, 0, 1)
+        # the same conversion as ImageDataset.__getitem__, so a folder gives the same floats both ways
+        image = torch.from_numpy(np.ascontiguousarray(self.decode(i).transpose(2, 0, 1), dtype=np.float32))
         if self.scale != 1.0:
-            image = image / self.scale
+            image.mul_(1.0 / self.scale)
         return image, int(self.labels[i])
 
     def readable(self, i: int, read) -> tuple[object, int, list[str]]:
