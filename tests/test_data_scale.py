@@ -241,3 +241,25 @@ def test_ibot_multi_crop_trains_the_same_from_a_lazy_folder_as_from_memory(tmp_p
     assert runs["true"].keys() == runs["false"].keys()
     for key, value in runs["true"].items():
         assert torch.equal(value, runs["false"][key]), key
+
+
+def test_the_log_reports_the_share_of_time_spent_waiting_for_data(tmp_path, monkeypatch):
+    """A crop that sleeps s seconds per image makes every batch of B wait >= B s: the logged
+    fraction must be at least s x images/s (and a fast pipeline's is far below that)."""
+    import time
+
+    data = make_folder(tmp_path / "data")
+    real_call, pause = PretrainCrop.__call__, 0.01
+
+    def slow(self, dataset, i):
+        time.sleep(pause)
+        return real_call(self, dataset, i)
+
+    monkeypatch.setattr(PretrainCrop, "__call__", slow)
+    _, out = _run(tmp_path, "run", f"data.path={data}", "data.in_memory=false", "data.num_workers=0",
+                  "train.epochs=1", "train.log_every=1")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 3
+    for r in train:
+        assert pause * r["images_per_s"] <= r["data_wait_fraction"] <= 1.0

@@ -304,9 +304,9 @@ class _Loop:
         window_start, window_iters, epoch_start = time.perf_counter(), 0, time.perf_counter()
         self.unreadable.start_epoch()
         # The next batch's host-to-device copy overlaps this step (CUDA; pinned memory).
-        for it, (images, labels, seeds, failed) in enumerate(prefetch_to_device(self.loader, self.device)):
-            if it >= self.iters_per_epoch:
-                break
+        batches, self.data_wait = prefetch_to_device(self.loader, self.device), 0.0
+        for it in range(self.iters_per_epoch):
+            images, labels, seeds, failed = self._next_batch(batches)
             self.unreadable.add(failed)
             for k, v in self._micro_step(epoch, it, images, labels, seeds).items():
                 v = v.detach().float()
@@ -317,10 +317,18 @@ class _Loop:
                 bar.update(1)
             if (it + 1) % self.t.log_every == 0 or it + 1 == self.iters_per_epoch:
                 self._log_window(epoch, window, window_iters, time.perf_counter() - window_start, bar)
-                window, window_iters, window_start = {}, 0, time.perf_counter()
+                window, window_iters, window_start, self.data_wait = {}, 0, time.perf_counter(), 0.0
         if bar is not None:
             bar.close()
         self._end_epoch(epoch, sums, time.perf_counter() - epoch_start)
+
+    def _next_batch(self, batches):
+        """The next batch, adding the time the loop waited for it to ``data_wait`` (a loop that is
+        fed fast enough waits ~0; a starved one waits most of the window)."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.data_wait += time.perf_counter() - start
+        return batch
 
     def _set_schedule(self, progress: float) -> None:
         """lr (times each group's lr_scale) and weight decay at a fractional epoch."""
@@ -376,7 +384,8 @@ class _Loop:
             self._stop(epoch, failed, dict(zip(keys, values)))
         self.unreadable.check(round(bad_files * self.di.world_size), epoch)
         record = {"kind": "train", "epoch": epoch, "step": self.step, "lr": self.lr, **dict(zip(keys, values)),
-                  "images_per_s": iters * self.t.batch_size * self.di.world_size / max(elapsed, 1e-9)}
+                  "images_per_s": iters * self.t.batch_size * self.di.world_size / max(elapsed, 1e-9),
+                  "data_wait_fraction": self.data_wait / max(elapsed, 1e-9)}
         self.log.log(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", ips=f"{record['images_per_s']:.0f}")
