@@ -544,7 +544,8 @@ def main() -> None:
         import torch
 
         summary = {"part": "summary", "official_dir": str(official),
-                   "official_commit": official_commit(args.official_git), "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
+                   "official_commit": official_commit(args.official_git), "torch": torch.__version__,
+                   "timm": timm.__version__, "numpy": np.__version__,
                    "threads": args.threads, "batch_size": args.batch_size}
         if args.part in ("step", "all"):
             summary["step"] = part_step(official, args, emit)
