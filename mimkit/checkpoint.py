@@ -196,9 +196,8 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=strict)
 
 
-_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "masked_embed")
-
-
 def encoder_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the encoder's own weights (drops an MAE's decoder, a classifier's fc_norm/head)."""
-    return {k: v for k, v in encoder.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
+    """Only the encoder's own weights, the keys under its family's ``state_prefixes`` (drops an
+    MAE's decoder, a classifier's fc_norm/head)."""
+    prefixes = tuple(encoder.state_prefixes)
+    return {k: v for k, v in encoder.state_dict().items() if k.startswith(prefixes)}

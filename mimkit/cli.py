@@ -107,7 +107,7 @@ def _knn_outputs(args, overrides: list[str], output_dir: str) -> list[Path]:
 
 
 def _print_knn(args, result: dict) -> None:
-    print(f"weighted k-NN ({args.pool} token, T={args.temperature}) on {args.data}: "
+    print(f"weighted k-NN ({result['pool']} token, T={args.temperature}) on {args.data}: "
           f"{result['num_train']} train / {result['num_test']} {args.test_split} images, {result['num_classes']} classes")
     print(f"{'k':>6} {'top-1 %':>8}" + (f" {'top-5 %':>8}" if result["num_classes"] > 5 else ""))
     for k, acc in result["accuracy"].items():
@@ -308,7 +308,8 @@ def _add_knn(sub) -> None:
     p.add_argument("--k", nargs="+", action=_KValues, default=[10, 20, 100, 200], metavar="K",
                    help="neighbour counts, whole numbers >= 1 (default 10 20 100 200; above the bank size: clamped)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T), T > 0 (default 0.07)")
-    p.add_argument("--pool", choices=["cls", "mean"], default="cls", help="[CLS] token or mean of patch tokens")
+    p.add_argument("--pool", choices=["cls", "mean"], default=None,
+                   help="[CLS] token or mean of patch tokens (default: [CLS] where the encoder has one, else mean)")
     p.add_argument("--no-final-norm", action="store_true", help="use the last block's output before the final norm")
     p.add_argument("--train-split", default="train", help="split of the labelled bank (default train)")
     p.add_argument("--test-split", default="test", help="split of the queries that are scored (default test)")

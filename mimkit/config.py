@@ -143,7 +143,7 @@ class LinprobeConfig:
     init: str = _key("pretrained", "pretrained, or random (frozen random encoder: the baseline)")
     n_last_blocks: int = _key(4, "dino: concatenated [CLS] of the last n blocks (after the final norm)")
     avgpool: bool = _key(False, "dino: also append the mean patch token of the last block")
-    pool: str = _key("cls", "mae: [CLS] token (cls) or mean patch token (mean)")
+    pool: str = _key("auto", "mae: [CLS] token (cls), mean patch token (mean), or auto ([CLS] where the encoder has one)")
     cache_features: bool = _key(True, "extract features once (no augmentation); false = frozen encoder + RRC/flip")
     cache_dir: Optional[str] = _key(None, "also keep the extracted features here, shared by runs (lr sweeps)")
     eval_every: int = _key(1, "epochs between validation passes (always after the last epoch)")
@@ -170,7 +170,7 @@ _CHOICES = {
     ("finetune", "init"): ("pretrained", "random"),
     ("linprobe", "init"): ("pretrained", "random"),
     ("linprobe", "protocol"): ("mae", "dino"),
-    ("linprobe", "pool"): ("cls", "mean"),
+    ("linprobe", "pool"): ("auto", "cls", "mean"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest"),
     ("data", "on_error"): ("raise", "skip"),

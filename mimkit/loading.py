@@ -19,7 +19,7 @@ from mimkit.checkpoint import extract_state_dict, load_file, load_state_dict_che
 from mimkit.errors import CheckpointError
 from mimkit.methods.base import select_encoder
 from mimkit.methods.dama import dama_original_to_mimkit
-from mimkit.models.classifier import build_classifier_from_checkpoint
+from mimkit.models.families import build_classifier_from_checkpoint
 from mimkit.models.vit import MaskedViT
 from mimkit.registry import create_model, resolve_model_kwargs
 

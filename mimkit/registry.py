@@ -93,6 +93,12 @@ PRESETS["ibot_vit_tiny_patch4"] = Preset(
     "iBOT ViT-T/4, 2x28 + 4x12-px crops, 2048-d head, 28 px (MedMNIST)",
 )
 
+# --- Swin encoders (mimkit/models/swin.py; values and sources there) ---
+from mimkit.models.swin import PRESET_ARGS as _SWIN_PRESETS, SwinEncoder  # noqa: E402
+
+for _name, (_kwargs, _description) in _SWIN_PRESETS.items():
+    PRESETS[_name] = Preset(SwinEncoder, _kwargs, _description)
+
 
 def model_arguments(name: str) -> dict[str, inspect.Parameter]:
     """Constructor parameters that ``create_model(name, ...)`` accepts as overrides."""

@@ -21,43 +21,24 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimkit.checkpoint import save_atomic
 from mimkit.data import TransformedDataset, build_transform
-from mimkit.models.vit import MaskedViT
 
 _MIB = 1 << 20
 
 
-def probe_features(encoder: MaskedViT, images: torch.Tensor, *, pool: str = "cls", final_norm: bool = True,
-                   n_last_blocks: int = 1, avgpool: bool = False) -> torch.Tensor:
-    """One feature per image, [N, D * (n_last_blocks + avgpool)].
-
-    n_last_blocks == 1: the [CLS] token ("cls") or mean patch token ("mean") of the last block,
-    after the final norm (``final_norm``) or before it. n_last_blocks > 1 (DINO linear probe):
-    the [CLS] tokens of the last n blocks, each after the final norm, concatenated; ``avgpool``
-    appends the mean patch token of the last block (after the norm).
-    """
-    depth = encoder.depth
-    if n_last_blocks == 1 and not avgpool:
-        if final_norm:
-            tokens = encoder.encode(images).tokens
-        else:
-            tokens = encoder.encode(images, return_blocks=[depth - 1]).blocks[depth - 1]
-        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-    wanted = list(range(depth - n_last_blocks, depth))
-    out = encoder.encode(images, return_blocks=wanted)
-    normed = [encoder.norm(out.blocks[i]) if final_norm else out.blocks[i] for i in wanted]
-    parts = [t[:, 0] for t in normed]
-    if avgpool:
-        parts.append(normed[-1][:, 1:].mean(dim=1))
-    return torch.cat(parts, dim=-1)
+def probe_features(encoder: nn.Module, images: torch.Tensor, **pooling) -> torch.Tensor:
+    """One feature per image: the encoder contract's ``pooled_features`` (pool, final_norm,
+    n_last_blocks, avgpool; see :mod:`mimkit.models.encoder`)."""
+    return encoder.pooled_features(images, **pooling)
 
 
-def probe_feature_dim(encoder: MaskedViT, *, n_last_blocks: int = 1, avgpool: bool = False, **_) -> int:
-    """Width of :func:`probe_features`: D per [CLS] block, plus D for the mean patch token."""
-    return encoder.embed_dim * (n_last_blocks + int(avgpool))
+def probe_feature_dim(encoder: nn.Module, *, n_last_blocks: int = 1, avgpool: bool = False, **_) -> int:
+    """Width of :func:`probe_features`."""
+    return encoder.pooled_dim(n_last_blocks=n_last_blocks, avgpool=avgpool)
 
 
 def _distributed() -> bool:
@@ -86,7 +67,7 @@ def _gather_in_order(local: torch.Tensor, world: int, total: int) -> torch.Tenso
 
 @torch.no_grad()
 def extract_features(
-    encoder: MaskedViT,
+    encoder: nn.Module,
     dataset: Dataset,
     *,
     pool: str = "cls",
@@ -236,7 +217,7 @@ def _share_rank0_hit(hit: tuple[torch.Tensor, torch.Tensor] | None, n: int, dim:
     return feats.cpu(), labels.cpu()
 
 
-def cached_features(encoder: MaskedViT, dataset, stats: dict, kwargs: dict[str, Any], *,
+def cached_features(encoder: nn.Module, dataset, stats: dict, kwargs: dict[str, Any], *,
                     cache_key: dict | None, cache_dir: str | os.PathLike | None, device,
                     precision: str, log: Callable | None = print) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, D'] and labels [N] of a labelled ``dataset`` under the eval transform.

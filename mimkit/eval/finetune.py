@@ -2,7 +2,8 @@
 
     mimkit finetune --checkpoint runs/mae/last.pt --data bloodmnist.npz train.epochs=20
 
-The model is :class:`mimkit.models.classifier.ViTClassifier` (pooled features + linear head).
+The model is the classifier of the checkpoint encoder's family (pooled features + linear head;
+``mimkit.models.families``), e.g. the ViT classifier of ``mimkit.models.classifier``.
 The validation and test splits are read and checked before the first step (a corrupt test image
 fails at once, not after training) and reused for scoring.
 Recipe pieces all come from timm: layer-decay parameter groups, Mixup/CutMix,
@@ -15,6 +16,7 @@ every epoch the validation split is scored and the best model is kept as ``best.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from pathlib import Path
@@ -41,8 +43,9 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.metrics import classification_metrics, write_metrics
 from mimkit.loading import detect_format, load_encoder
-from mimkit.models.classifier import ViTClassifier, build_classifier_from_checkpoint, transfer_encoder_weights
-from mimkit.models.vit import MaskedViT
+from mimkit.models.classifier import transfer_encoder_weights
+from mimkit.models.encoder import require_cls_token
+from mimkit.models.families import build_classifier_from_checkpoint, classifier_class
 
 # The MAE fine-tuning recipe (FINETUNE.md) scaled to small data; YAML files and overrides sit on top.
 FINETUNE_DEFAULTS: dict[str, Any] = {
@@ -101,7 +104,7 @@ class FinetuneTransform:
 
 
 @torch.no_grad()
-def predict(model: ViTClassifier, dataset, transform, *, batch_size: int = 256, device="cpu",
+def predict(model: nn.Module, dataset, transform, *, batch_size: int = 256, device="cpu",
             precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] (float32, CPU) and labels [N] of every image, in order."""
     device = torch.device(device)
@@ -130,6 +133,25 @@ def _build_mixup(f_cfg, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
+def _classifier_config(source: nn.Module, f_cfg, train) -> dict[str, Any]:
+    """The classifier's constructor arguments: the encoder's architecture on this data's channels,
+    at ``finetune.img_size`` when given, plus the fine-tuning options its family's class takes."""
+    kwargs = {**source.architecture(), "in_chans": train.num_channels}
+    if f_cfg.img_size is not None:
+        if f_cfg.img_size % source.output_stride:
+            raise ConfigError(f"finetune.img_size {f_cfg.img_size} is not a multiple of the encoder's stride "
+                              f"{source.output_stride}: choose a multiple of {source.output_stride}.")
+        kwargs["img_size"] = f_cfg.img_size
+    if not f_cfg.global_pool:
+        require_cls_token(source, "finetune.global_pool=false")
+    options = {"num_classes": train.num_classes, "global_pool": f_cfg.global_pool, "head_init_std": f_cfg.head_init_std,
+               "layer_decay": f_cfg.layer_decay, "drop_path_rate": f_cfg.drop_path}
+    params = inspect.signature(classifier_class(source.family)).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"name": f"{source.family}_classifier", "family": source.family, **kwargs,
+            **{k: v for k, v in options.items() if takes_any or k in params}}
+
+
 def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = None,
                    allow_pickle: bool = False) -> tuple[TrainingSetup, EvalSplits]:
     """The :class:`~mimkit.engine.trainer.TrainingSetup` of a fine-tuning run, and its val/test splits."""
@@ -139,22 +161,10 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     train = apply_label_fraction(train, cfg.data, log=log)
     fit_batch_to_data(cfg, len(train), log)
     source, recorded = load_encoder(checkpoint, model_name, allow_pickle, encoder=f_cfg.encoder, verbose=di.is_main)
-    if not isinstance(source, MaskedViT):
-        raise CheckpointError(f"Checkpoint {checkpoint} does not hold a ViT encoder.")
     stats = stats_for(train, recorded)
-    kwargs = {k: getattr(source, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    kwargs["mlp_ratio"] = source.blocks[0].mlp.fc1.out_features / source.embed_dim
-    kwargs["in_chans"] = train.num_channels
-    if f_cfg.img_size is not None:
-        if f_cfg.img_size % kwargs["patch_size"]:
-            raise ConfigError(f"finetune.img_size {f_cfg.img_size} is not a multiple of the patch size "
-                              f"{kwargs['patch_size']}.")
-        kwargs["img_size"] = f_cfg.img_size
-    model_config = {"name": "vit_classifier", **kwargs, "num_classes": train.num_classes,
-                    "global_pool": f_cfg.global_pool, "head_init_std": f_cfg.head_init_std,
-                    "layer_decay": f_cfg.layer_decay, "drop_path_rate": f_cfg.drop_path}
+    model_config = _classifier_config(source, f_cfg, train)
     torch.manual_seed(cfg.train.seed)
-    model = ViTClassifier(**{k: v for k, v in model_config.items() if k != "name"})
+    model = classifier_class(source.family)(**{k: v for k, v in model_config.items() if k not in ("name", "family")})
     if f_cfg.init == "pretrained":
         transfer_encoder_weights(source, model, log=log or (lambda *_: None))
     elif log:
@@ -165,12 +175,13 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
         raise ConfigError("Mixup/CutMix need an even train.batch_size.")
     if f_cfg.randaug and train.num_channels not in (1, 3) and log:
         log(f"RandAugment skipped: it works on 1- or 3-channel images, these have {train.num_channels}")
-    transform = FinetuneTransform(kwargs["img_size"], stats["mean"], stats["std"], crop_scale=f_cfg.crop_scale,
+    img_size = model_config["img_size"]
+    transform = FinetuneTransform(img_size, stats["mean"], stats["std"], crop_scale=f_cfg.crop_scale,
                                   hflip=cfg.data.hflip, randaug=f_cfg.randaug, reprob=f_cfg.reprob,
                                   interpolation=cfg.data.interpolation)
     val, evaluate = splits.val, None
     if val is not None:
-        eval_transform = build_transform("eval", kwargs["img_size"], stats["mean"], stats["std"])
+        eval_transform = build_transform("eval", img_size, stats["mean"], stats["std"])
 
         def evaluate_val(m: nn.Module, epoch: int) -> dict[str, float] | None:
             if (epoch + 1) % f_cfg.eval_every and epoch + 1 != cfg.train.epochs:
@@ -183,7 +194,7 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
 
         evaluate = evaluate_val
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    description = (f"ViT ({n_params:.1f}M params, {'global pool' if f_cfg.global_pool else '[CLS]'}, "
+    description = (f"{source.family} ({n_params:.1f}M params, {'global pool' if f_cfg.global_pool else '[CLS]'}, "
                    f"layer decay {f_cfg.layer_decay}, init {f_cfg.init}) on {cfg.data.path} [{len(train)} "
                    f"labelled images, {train.num_classes} classes]")
     setup = TrainingSetup(model, train, transform, model_config, stats, "finetune", description, evaluate,
@@ -191,7 +202,7 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     return setup, splits
 
 
-def evaluate_classifier(model: ViTClassifier, ds, stats, *, batch_size: int = 256, device="cpu",
+def evaluate_classifier(model: nn.Module, ds, stats, *, batch_size: int = 256, device="cpu",
                         precision: str = "fp32") -> dict[str, Any]:
     """Metrics of a classifier on a labelled dataset (see :func:`mimkit.eval.metrics.classification_metrics`)."""
     transform = build_transform("eval", model.img_size, stats["mean"], stats["std"])

@@ -93,7 +93,7 @@ def evaluate_encoder_knn(
     *,
     k: Sequence[int] = (10, 20, 100, 200),
     temperature: float = 0.07,
-    pool: str = "cls",
+    pool: str | None = None,  # None: the encoder's default_pool
     final_norm: bool = True,
     train_split: str = "train",
     test_split: str = "test",
@@ -120,6 +120,7 @@ def evaluate_encoder_knn(
             f"reported as k = {len(train)}")
     stats = stats_for(train, stats)
     transform = build_transform("eval", encoder.img_size, stats["mean"], stats["std"])
+    pool = pool or encoder.default_pool  # [CLS] where the encoder has one, else the mean token
     kwargs = dict(pool=pool, final_norm=final_norm, batch_size=batch_size, device=device)
     train_x, train_y = extract_features(encoder, TransformedDataset(train, transform), **kwargs)
     test_x, test_y = extract_features(encoder, TransformedDataset(test, transform), **kwargs)

@@ -39,7 +39,7 @@ from mimkit.eval.features import cached_features, labels_digest, path_fingerprin
 from mimkit.eval.metrics import classification_metrics
 from mimkit.loading import load_encoder
 from mimkit.methods.base import StepOutput
-from mimkit.models.vit import MaskedViT
+from mimkit.models.families import fresh_encoder
 
 LINPROBE_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/linprobe",
@@ -112,10 +112,13 @@ def _identity(x):
     return x
 
 
-def feature_kwargs(l_cfg) -> dict[str, Any]:
+def feature_kwargs(l_cfg, encoder: nn.Module) -> dict[str, Any]:
+    """Pooling of the probe's features; pool "auto" (and the DINO protocol's per-block token) is the
+    encoder's ``default_pool``: [CLS] where it has one, else the mean token."""
+    pool = encoder.default_pool if l_cfg.protocol == "dino" or l_cfg.pool == "auto" else l_cfg.pool
     if l_cfg.protocol == "dino":
-        return dict(pool="cls", final_norm=True, n_last_blocks=l_cfg.n_last_blocks, avgpool=l_cfg.avgpool)
-    return dict(pool=l_cfg.pool, final_norm=True, n_last_blocks=1, avgpool=False)
+        return dict(pool=pool, final_norm=True, n_last_blocks=l_cfg.n_last_blocks, avgpool=l_cfg.avgpool)
+    return dict(pool=pool, final_norm=True, n_last_blocks=1, avgpool=False)
 
 
 def _cache_key(cfg, checkpoint: str, kwargs: dict, stats: dict) -> dict | None:
@@ -142,9 +145,7 @@ def _frozen_encoder(cfg, checkpoint, model_name, allow_pickle, log):
     if cfg.linprobe.init == "random":
         # Same architecture, untrained weights: the baseline the pretrained features must beat.
         torch.manual_seed(cfg.train.seed)
-        encoder = MaskedViT(img_size=encoder.img_size, patch_size=encoder.patch_size, in_chans=encoder.in_chans,
-                            embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                            mlp_ratio=encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim).eval()
+        encoder = fresh_encoder(encoder).eval()
         if log:
             log("linprobe.init=random: a randomly initialised encoder of the same architecture is probed")
     return encoder, recorded
@@ -167,7 +168,7 @@ def linprobe_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
                           f"{train.num_channels}: a frozen probe cannot adapt the patch embedding (fine-tune instead).")
     encoder.to(device)
     stats = stats_for(train, recorded)
-    kwargs = feature_kwargs(l_cfg)
+    kwargs = feature_kwargs(l_cfg, encoder)
     key = _cache_key(cfg, checkpoint, kwargs, stats)
 
     def features(ds, split: str, **extra) -> FeatureDataset:

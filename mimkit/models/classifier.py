@@ -19,13 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from timm.models import adapt_input_conv
 from torch import nn
 
-from mimkit.checkpoint import encoder_state, extract_state_dict, load_state_dict_checked
+from mimkit.checkpoint import encoder_state, load_state_dict_checked
 from mimkit.errors import CheckpointError
 from mimkit.methods.base import StepOutput
-from mimkit.models.pos_embed import interpolate_pos_embed
 from mimkit.models.vit import MaskedViT
 
 
@@ -83,13 +81,6 @@ class ViTClassifier(MaskedViT):
         acc = (logits.argmax(dim=1) == labels).float().mean()
         return StepOutput(loss, {"loss": loss.detach(), "train_acc": acc.detach()})
 
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm layer grouping: stem = layer 0, block k = layer k+1, the rest (norm, fc_norm, head) = depth+1.
-
-        (timm's own ViT matcher merges the final norm into the last block; MAE/BEiT give it the head's layer.)
-        """
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^masked_embed", blocks=[(r"^blocks\.(\d+)", None)])
-
     def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
         """timm layer-decay groups (each carries ``lr_scale``; 1-D params and tokens get no decay)."""
         from timm.optim import param_groups_layer_decay
@@ -98,36 +89,24 @@ class ViTClassifier(MaskedViT):
                                         layer_decay=self.layer_decay)
 
 
-# -- weights -------------------------------------------------------------------------------------
-def transfer_encoder_weights(source: nn.Module, target: ViTClassifier, log=print) -> None:
-    """Copy a pretrained encoder into ``target``, adapting the position table and input channels."""
-    state = encoder_state(source)
-    pos = state["pos_embed"]
-    old = int(round((pos.shape[1] - 1) ** 0.5))
-    if (old, old) != tuple(target.grid_size):  # the grid decides, not the row count
-        log(f"position table interpolated (bicubic) from a {old}x{old} to a "
-            f"{target.grid_size[0]}x{target.grid_size[1]} patch grid")
-        state["pos_embed"] = interpolate_pos_embed(pos, target.grid_size)
-    weight = state["patch_embed.proj.weight"]
-    if weight.shape[1] != target.in_chans:
-        how = "summed over" if target.in_chans == 1 else f"repeated and scaled by {weight.shape[1]}/{target.in_chans} from"
-        log(f"patch embedding adapted from {weight.shape[1]} to {target.in_chans} input channels "
-            f"(kernel {how} the checkpoint's channels, timm adapt_input_conv)")
-        state["patch_embed.proj.weight"] = adapt_input_conv(target.in_chans, weight, base_chans=weight.shape[1])
-    if target.global_pool:
-        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    if target.masked_embed is None:
-        state.pop("masked_embed", None)
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], log: Callable[[str], None] = print
+                         ) -> dict[str, torch.Tensor]:
+        """The encoder's adaptation (position table, channels); global pooling drops the pretrained norm."""
+        state = super().adapt_state_dict(state, log)
+        if self.global_pool:
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        return state
+
+
+# -- weights (any family: through the encoder contract's adapt_state_dict) ------------------------
+_NEW_IN_CLASSIFIERS = ("head.", "fc_norm.", "masked_embed", "mask_token")
+
+
+def transfer_encoder_weights(source: nn.Module, target: nn.Module, log=print) -> None:
+    """Copy a pretrained encoder into the classifier ``target`` of its family, adapted to fit."""
+    state = target.adapt_state_dict(encoder_state(source), log)
     load_state_dict_checked(target, state, "The pretrained encoder", strict=False)
-    missing = [k for k in target.state_dict() if k not in state and not k.startswith(("head.", "fc_norm.", "masked_embed"))]
+    missing = [k for k in target.state_dict() if k not in state and not k.startswith(_NEW_IN_CLASSIFIERS)]
     if missing:
         raise CheckpointError(f"The pretrained encoder lacks {len(missing)} weights of the classifier "
-                              f"(e.g. {', '.join(missing[:3])}): is it a ViT checkpoint?")
-
-
-def build_classifier_from_checkpoint(obj: dict[str, Any], what: str) -> ViTClassifier:
-    """Rebuild a fine-tuned mimkit classifier (``task: finetune``) and load its weights."""
-    kwargs = {k: v for k, v in obj["model_config"].items() if k != "name"}
-    model = ViTClassifier(**kwargs)
-    load_state_dict_checked(model, extract_state_dict(obj), f"Checkpoint {what}")
-    return model.eval()
+                              f"(e.g. {', '.join(missing[:3])}): is it a {target.family} checkpoint?")

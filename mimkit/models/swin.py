@@ -100,6 +100,8 @@ class SwinEncoder(nn.Module):
     """
 
     family = "swin"
+    default_pool = "mean"
+    state_prefixes = ("patch_embed.", "layers.", "norm.", "mask_token")
     has_cls_token = False
     has_global_attention = False
 

@@ -1,4 +1,5 @@
-"""ViT encoder built from timm layers, with the two masked forwards every MIM method needs.
+"""The ViT family: an encoder built from timm layers, with the two masked forwards every MIM
+method needs, implementing the encoder contract of :mod:`mimkit.models.encoder`.
 
 Parameter names equal timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.i.*``, ``norm``), so what mimkit saves loads in plain timm and
@@ -7,31 +8,17 @@ official MAE encoder checkpoints load here without renaming.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mimkit.models.pos_embed import sincos_2d
-
-
-@dataclass
-class EncoderOutput:
-    """What :meth:`MaskedViT.encode` returns.
-
-    tokens:     [N, 1+T, D] after the final LayerNorm; T = K visible tokens (``ids_keep``) or
-                L (all patches, boolean-mask path or no mask). Index 0 is [CLS].
-    blocks:     {block index: [N, 1+T, D] output of that block, before the final norm}.
-    attentions: {block index: [N, heads, 1+T, 1+T] softmax attention of that block}.
-    """
-
-    tokens: torch.Tensor
-    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
-    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+from mimkit.models.encoder import EncoderOutput, require_cls_token
+from mimkit.models.pos_embed import interpolate_pos_embed, sincos_2d
 
 
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +44,9 @@ def _resolve_indices(request: bool | Sequence[int] | None, depth: int) -> set[in
 class MaskedViT(nn.Module):
     """Pre-norm ViT (methods.md §0.1) with a visible-token path and a boolean-mask path.
 
+    The ViT family of the encoder contract (:mod:`mimkit.models.encoder`): a [CLS] token, global
+    attention, ``feature_dim = output width = embed_dim``, ``output_stride = patch_size``.
+
     Args:
         img_size, patch_size, in_chans: input geometry; any channel count.
         embed_dim, depth, num_heads, mlp_ratio: transformer size.
@@ -65,6 +55,12 @@ class MaskedViT(nn.Module):
             embeddings on the boolean-mask path (SimMIM / iBOT family).
         learnable_pos_embed: the fixed sin-cos table becomes a trainable parameter (fine-tuning).
     """
+
+    family = "vit"
+    has_cls_token = True
+    has_global_attention = True
+    default_pool = "cls"
+    state_prefixes = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "masked_embed")
 
     def __init__(
         self,
@@ -84,6 +80,7 @@ class MaskedViT(nn.Module):
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.feature_dim, self.output_stride, self.mlp_ratio = embed_dim, patch_size, mlp_ratio
         # strict_img_size=False: multi-crop methods (iBOT) also encode smaller crops.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
@@ -178,7 +175,73 @@ class MaskedViT(nn.Module):
             if i in want_blocks:
                 out.blocks[i] = x
         out.tokens = self.norm(x)
+        if ids_keep is None:  # the full grid: the patch tokens as a map (SimMIM's decoder input)
+            h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+            out.feature_map = out.tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return out
+
+    # -- the contract's pooled features, rebuilding and weight adaptation ------------------------
+    def pooled_features(self, images: torch.Tensor, *, pool: str = "cls", final_norm: bool = True,
+                        n_last_blocks: int = 1, avgpool: bool = False) -> torch.Tensor:
+        """One feature per image, [N, D * (n_last_blocks + avgpool)].
+
+        n_last_blocks == 1: the [CLS] token ("cls") or mean patch token ("mean") of the last block,
+        after the final norm (``final_norm``) or before it. n_last_blocks > 1 (DINO linear probe):
+        the [CLS] tokens of the last n blocks, each after the final norm, concatenated; ``avgpool``
+        appends the mean patch token of the last block (after the norm).
+        """
+        if pool == "cls" or n_last_blocks > 1:
+            require_cls_token(self, "[CLS] pooling")
+        last = self.depth - 1
+        if n_last_blocks == 1 and not avgpool:
+            tokens = self.encode(images).tokens if final_norm else self.encode(images, return_blocks=[last]).blocks[last]
+            return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+        wanted = list(range(self.depth - n_last_blocks, self.depth))
+        out = self.encode(images, return_blocks=wanted)
+        normed = [self.norm(out.blocks[i]) if final_norm else out.blocks[i] for i in wanted]
+        parts = [t[:, 0] for t in normed]
+        if avgpool:
+            parts.append(normed[-1][:, 1:].mean(dim=1))
+        return torch.cat(parts, dim=-1)
+
+    def pooled_dim(self, n_last_blocks: int = 1, avgpool: bool = False) -> int:
+        """Width of :meth:`pooled_features`: D per block, plus D for the mean patch token."""
+        return self.embed_dim * (n_last_blocks + int(avgpool))
+
+    def architecture(self) -> dict[str, Any]:
+        """Arguments that rebuild this encoder (no weights, no training-only options)."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm layer grouping: stem = layer 0, block k = layer k+1, the rest (norm, heads) = depth+1.
+
+        (timm's own ViT matcher merges the final norm into the last block; MAE/BEiT give it the head's layer.)
+        """
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^masked_embed", blocks=[(r"^blocks\.(\d+)", None)])
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], log: Callable[[str], None] = print
+                         ) -> dict[str, torch.Tensor]:
+        """A ViT state dict made to fit this encoder: the position table interpolated (bicubic) to
+        this patch grid (methods.md §0.11), the patch embedding adapted to this channel count with
+        timm's ``adapt_input_conv`` (1 channel: summed; N: repeated and scaled by C_ckpt / N)."""
+        state = dict(state)
+        pos = state.get("pos_embed")
+        if pos is not None:
+            old = int(round((pos.shape[1] - 1) ** 0.5))
+            if (old, old) != tuple(self.grid_size):  # the grid decides, not the row count
+                log(f"position table interpolated (bicubic) from a {old}x{old} to a "
+                    f"{self.grid_size[0]}x{self.grid_size[1]} patch grid")
+                state["pos_embed"] = interpolate_pos_embed(pos, self.grid_size)
+        weight = state.get("patch_embed.proj.weight")
+        if weight is not None and weight.shape[1] != self.in_chans:
+            how = "summed over" if self.in_chans == 1 else f"repeated and scaled by {weight.shape[1]}/{self.in_chans} from"
+            log(f"patch embedding adapted from {weight.shape[1]} to {self.in_chans} input channels "
+                f"(kernel {how} the checkpoint's channels, timm adapt_input_conv)")
+            state["patch_embed.proj.weight"] = adapt_input_conv(self.in_chans, weight, base_chans=weight.shape[1])
+        if self.masked_embed is None:
+            state.pop("masked_embed", None)
+        return state
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unmasked features [N, 1+L, D] after the final norm."""
@@ -196,4 +259,4 @@ def init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-__all__ = ["MaskedViT", "EncoderOutput", "attention_probs", "init_linear_and_norm"]
+__all__ = ["MaskedViT", "EncoderOutput", "attention_probs", "init_linear_and_norm"]  # EncoderOutput: encoder.py

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from mimkit.attention import attention_rollout, discard_lowest, fuse_heads, normalise_by_max
 from mimkit.data import TransformedDataset, build_transform
 from mimkit.masking import attmask, sample_uniform
-from mimkit.models.vit import MaskedViT
+from mimkit.models.encoder import require_cls_token, require_global_attention
 from mimkit.viz import save_figure
 from mimkit.viz.reconstruction import _to_display, pick_images
 
 
 @torch.no_grad()
 def saliency_maps(
-    encoder: MaskedViT,
+    encoder: torch.nn.Module,
     images: torch.Tensor,
     what: str = "attention",
     *,
@@ -38,6 +38,8 @@ def saliency_maps(
     ``"attention"``: [CLS]->patch attention of block ``layer`` with heads fused;
     ``"rollout"``: [CLS] row of the rollout over all blocks.
     """
+    require_global_attention(encoder, f"--what {what}")
+    require_cls_token(encoder, f"--what {what} ([CLS] attention)")
     encoder.eval()
     if what == "attention":
         block = layer % encoder.depth
@@ -56,7 +58,7 @@ def saliency_maps(
 
 
 def draw_attention(
-    encoder: MaskedViT,
+    encoder: torch.nn.Module,
     dataset,
     mean: Sequence[float],
     std: Sequence[float],
