@@ -12,6 +12,7 @@ process or split over several, and after a resume.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -405,3 +406,72 @@ def uniform_noise(
     if sample_seeds is None:
         return torch.rand(batch, count, device=device)
     return sample_uniform(sample_seeds.to(device), count, stream)
+
+
+# --- SimMIM masks (mimkit/methods/simmim.py; Xie et al., CVPR 2022) ------------------------------
+# Random masking of coarse square cells (32 px in the paper) on the model's finer patch grid: the
+# paper finds large mask cells make the task hard enough even at a moderate ratio (0.6).
+
+
+def simmim_mask_geometry(
+    grid_size: int | tuple[int, int], model_patch_size: int, mask_patch_size: int, mask_ratio: float
+) -> tuple[tuple[int, int], int, int]:
+    """((cells_h, cells_w), scale, count) of a SimMIM mask on a (h, w) grid of model patches.
+
+    Cells are ``mask_patch_size``-px squares; each covers scale x scale model patches
+    (scale = mask_patch_size / model_patch_size); ``count`` = ceil(cells * mask_ratio) cells are
+    masked per sample, the official MaskGenerator's count. The product is rounded to 9 decimals
+    before the ceiling, so 25 cells at 0.28 mask 7 (its float 7.000000000000001 gives the official
+    code 8).
+    """
+    h, w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
+    if mask_patch_size < model_patch_size or mask_patch_size % model_patch_size:
+        raise ValueError(f"mask_patch_size {mask_patch_size} is not a multiple of the model's patch size "
+                         f"{model_patch_size}: choose a multiple of {model_patch_size}.")
+    scale = mask_patch_size // model_patch_size
+    if h % scale or w % scale:
+        side = math.gcd(h, w) * model_patch_size
+        fits = [m for m in range(model_patch_size, side + 1, model_patch_size) if side % m == 0]
+        raise ValueError(f"a {h * model_patch_size}x{w * model_patch_size}-px image does not tile into "
+                         f"{mask_patch_size}-px mask cells: choose a mask_patch_size among {fits}.")
+    cells = (h // scale, w // scale)
+    count = math.ceil(round(cells[0] * cells[1] * mask_ratio, 9))
+    if count >= cells[0] * cells[1]:
+        raise ValueError(f"mask_ratio {mask_ratio} masks all {cells[0] * cells[1]} mask cells of the image: "
+                         f"choose a smaller mask_ratio or mask_patch_size.")
+    return cells, scale, count
+
+
+def simmim_mask(
+    sample_seeds: torch.Tensor | None,
+    batch: int,
+    grid_size: int | tuple[int, int],
+    model_patch_size: int,
+    mask_patch_size: int = 32,
+    mask_ratio: float = 0.6,
+    *,
+    device: torch.device | str | None = None,
+    stream: int = 0,
+) -> torch.Tensor:
+    """SimMIM random cell mask on the model's patch grid: [N, L] bool, True = masked, L = h * w.
+
+    Each sample masks exactly ceil(cells * mask_ratio) of its coarse cells (the cells with the
+    highest uniform noise: a ranking, so shapes are static), and every model patch takes the value
+    of the cell it lies in (nearest-neighbour upsampling). sample_seeds: [N] int64 per-sample seeds
+    (row n depends on sample_seeds[n] only, whatever the batch), or None for ``torch.rand``.
+    device: where the mask lives (default: the seeds' device, else the CPU).
+    """
+    (ch, cw), scale, count = simmim_mask_geometry(grid_size, model_patch_size, mask_patch_size, mask_ratio)
+    if sample_seeds is not None and sample_seeds.shape != (batch,):
+        raise ValueError(f"sample_seeds must have shape [{batch}], got {list(sample_seeds.shape)}")
+    if device is None:
+        device = sample_seeds.device if sample_seeds is not None else "cpu"
+    noise = uniform_noise(sample_seeds, batch, ch * cw, stream, device)
+    cells = mask_highest(noise, count)  # [N, ch * cw]
+    # The cell of every model patch, row-major on the (ch * scale, cw * scale) grid.
+    rows = torch.arange(ch * scale, device=cells.device) // scale
+    cols = torch.arange(cw * scale, device=cells.device) // scale
+    cell_of_patch = (rows[:, None] * cw + cols[None, :]).reshape(-1)
+    return cells[:, cell_of_patch]
