@@ -99,6 +99,12 @@ from mimkit.models.swin import PRESET_ARGS as _SWIN_PRESETS, SwinEncoder  # noqa
 for _name, (_kwargs, _description) in _SWIN_PRESETS.items():
     PRESETS[_name] = Preset(SwinEncoder, _kwargs, _description)
 
+# --- SimMIM presets (mimkit/methods/simmim.py; values and sources there) ---
+from mimkit.methods.simmim import PRESET_ARGS as _SIMMIM_PRESETS  # noqa: E402
+
+for _name, (_cls, _kwargs, _description) in _SIMMIM_PRESETS.items():
+    PRESETS[_name] = Preset(_cls, _kwargs, _description)
+
 
 def model_arguments(name: str) -> dict[str, inspect.Parameter]:
     """Constructor parameters that ``create_model(name, ...)`` accepts as overrides."""

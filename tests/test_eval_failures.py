@@ -23,7 +23,7 @@ from mimkit.errors import DataError
 from mimkit.eval.common import load_labelled_split
 from mimkit.eval.features import cache_path, cached_features, file_fingerprint, path_fingerprint
 from mimkit.eval.linprobe import LINPROBE_DEFAULTS, _cache_key
-from mimkit.models.classifier import build_classifier_from_checkpoint
+from mimkit.models.families import build_classifier_from_checkpoint
 from mimkit.models.vit import MaskedViT
 from mimkit.registry import create_model
 from mimkit.viz import attention as viz_attention
