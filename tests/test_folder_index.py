@@ -128,3 +128,17 @@ def test_file_order_is_a_sorted_os_walk(tmp_path):
         walked += [os.path.relpath(os.path.join(dirpath, f), tmp_path) for f in sorted(filenames)]
     assert [os.path.relpath(f, tmp_path) for f in fi.index_folder(tmp_path).files] == walked
     assert walked[:2] == ["a.png", "z.png"]  # a plain string sort would put sub/ between them
+
+
+def test_path_table_gives_back_every_path_including_non_ascii_ones():
+    from mimkit.data.folder_index import PathTable
+
+    paths = ["/data/a/0.jpg", "/data/ä/ünïcode.png", "", "/x/" + "y" * 300 + ".tif"]
+    table = PathTable(paths)
+    assert len(table) == 4 and list(table) == paths and table == paths and table != paths[:3]
+    assert table[-1] == paths[-1] and table[1:3] == paths[1:3] and table.index(paths[1]) == 1
+    assert table[np.int64(1)] == paths[1]
+    with pytest.raises(IndexError):
+        table[4]
+    # two arrays, no Python object per path: what forked workers read stays shared
+    assert {type(v) for v in vars(table).values()} == {np.ndarray}

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -57,6 +59,42 @@ class FileIndex:
         """The files at ``indices`` (in that order), same classes."""
         idx = np.asarray(indices, dtype=np.int64)
         return FileIndex([self.files[i] for i in idx], self.labels[idx], list(self.class_names), self.root)
+
+
+class PathTable(Sequence):
+    """Paths held as one UTF-8 buffer plus offsets (two numpy arrays) instead of a list of ``str``.
+
+    DataLoader workers are forked: memory is shared until a page is written, and reading a ``str``
+    of a list writes its reference count, so a list of a million paths ends up copied into every
+    worker (about 1 GB for ImageNet with 8 workers, invisible to RSS, visible to PSS). Reading a
+    path here only creates a temporary string. ``table[i]`` -> str; equal to any sequence of the
+    same paths.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"PathTable({len(self)} paths)"
 
 
 def split_folder(root: Path, split: str) -> tuple[Path, dict[str, Path]]:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from mimkit.data.folder_index import FileIndex, index_folder, merge_indices
+from mimkit.data.folder_index import FileIndex, PathTable, index_folder, merge_indices
 from mimkit.data.sources import TIFF_EXTENSIONS, to_hwc
 from mimkit.data.transforms import interpolation_mode
 from mimkit.errors import DataError
@@ -112,7 +112,7 @@ class LazyImageDataset(Dataset):
         if on_error not in ("raise", "skip"):
             raise DataError(f"data.on_error is {on_error!r}: choose raise or skip.")
         self.index, self.on_error = index, on_error
-        self.files = index.files
+        self.files = PathTable(index.files)  # not a list of str: see PathTable (forked workers)
         self.labels = torch.as_tensor(index.labels, dtype=torch.long)
         self.class_names = list(index.class_names)
         self.num_classes = len(self.class_names)
