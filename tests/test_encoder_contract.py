@@ -115,3 +115,26 @@ def test_evaluation_checkpoints_and_figures_name_no_concrete_encoder_class():
     offenders = [f"{f.name}:{i + 1}" for f in files for i, line in enumerate(f.read_text().splitlines())
                  if classes.search(line)]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("simmim_vit_tiny_patch4", ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]),
+    ("simmim_swin_tiny_28", ["model.embed_dim=16", "model.depths=[1,1]", "model.num_heads=[1,2]"]),
+])
+def test_simmim_pretrains_through_the_engine_and_its_encoder_is_evaluated_unchanged(world, tmp_path, preset, extra):
+    from mimkit.config import load_config
+    from mimkit.engine.trainer import pretrain
+    from mimkit.loading import load_encoder
+
+    root, _ = world
+    summary = pretrain(load_config(None, [f"model.name={preset}", *extra, f"data.path={root / 'tiny.npz'}",
+                                          f"output_dir={tmp_path}", "train.epochs=1", "train.warmup_epochs=0",
+                                          "train.batch_size=16", "train.progress=false"]))
+    assert summary["final_epoch"] == 1
+    encoder, _ = load_encoder(tmp_path / "last.pt")
+    saved = load_file(tmp_path / "last.pt")["model"]
+    assert all(torch.equal(v, saved["encoder." + k]) for k, v in encoder.state_dict().items())
+    out = tmp_path / "knn.json"
+    assert main(["knn", "--checkpoint", str(tmp_path / "last.pt"), "--data", str(root / "tiny.npz"), "--k", "5",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pool"] == ("cls" if "vit" in preset else "mean")
