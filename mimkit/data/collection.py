@@ -30,7 +30,7 @@ from mimkit.data import medmnist
 from mimkit.data.folder_index import FileIndex, cache_dir, first_per_class, from_file_list, index_folder
 from mimkit.data.folder_index import merge_indices, random_fraction
 from mimkit.data.lazy import LazyImageDataset
-from mimkit.data.sources import ImageDataset, load_digits, load_npz
+from mimkit.data.sources import ImageDataset, load_digits, load_npz, storage_family
 from mimkit.errors import ConfigError, DataError
 
 # A folder stays in memory under in_memory=auto when its decoded pixels take at most this share of
@@ -142,11 +142,10 @@ def decode_all(lazy: LazyImageDataset, workers: int | None = None) -> ImageDatas
 
 def _check_one_bit_depth(images: list[np.ndarray], files: list[str]) -> None:
     """Name the odd file out rather than failing on a generic dtype error."""
-    families = Counter("float" if im.dtype.kind == "f" else str(im.dtype) for im in images)
+    families = Counter(storage_family(im.dtype) for im in images)
     if len(families) > 1:
         common = families.most_common(1)[0][0]
-        bad, im = next((f, im) for f, im in zip(files, images)
-                       if ("float" if im.dtype.kind == "f" else str(im.dtype)) != common)
+        bad, im = next((f, im) for f, im in zip(files, images) if storage_family(im.dtype) != common)
         raise DataError(f"Image {bad} is {im.dtype} but the others are {common}: give all images the same bit depth.")
 
 

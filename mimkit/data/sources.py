@@ -34,7 +34,8 @@ _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.f
 
 
 
-def _family(dtype: np.dtype) -> str:
+def storage_family(dtype: np.dtype) -> str:
+    """The storage kind of image pixels: "uint8", "uint16" or "float"."""
     return "float" if dtype.kind == "f" else str(dtype)
 
 
@@ -84,7 +85,7 @@ class ImageDataset(Dataset):
                 raise DataError(f"No images in {source}: give at least one image.")
             imgs = [self._check_dtype(im, source) for im in imgs]
             chans = Counter(im.shape[-1] for im in imgs)
-            fams = Counter(_family(im.dtype) for im in imgs)
+            fams = Counter(storage_family(im.dtype) for im in imgs)
             if len(chans) > 1 or len(fams) > 1 or any(im.ndim != 3 for im in imgs):
                 raise DataError(f"Images of {source} differ in channel count {dict(chans)} or "
                                 f"dtype {dict(fams)}: give all images the same.")
@@ -159,7 +160,7 @@ class ImageDataset(Dataset):
     @property
     def storage(self) -> str:
         """Storage family of the pixels: "uint8", "uint16" or "float"."""
-        return _family(np.dtype(self.dtype))
+        return storage_family(np.dtype(self.dtype))
 
     @property
     def scale(self) -> float:
