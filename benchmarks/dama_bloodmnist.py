@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from cli_runs import REPO, alternating_step_speed, knn as _knn, linprobe as _linprobe, run as _run, subset_npz as _subset_npz
+
 # Every run trains in bf16, the precision of the DAMA configs; the MAE config's own default is fp32.
 SHARED_OVERRIDES = ["train.precision=bf16", "train.progress=false"]
 METHODS = {
@@ -47,102 +44,11 @@ METHODS = {
 }
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "mimkit", *cmd], cwd=REPO, env=env, capture_output=True, text=True)
-
-
-def _subset_npz(data: str, out: Path, max_train: int, max_eval: int, seed: int = 0) -> str:
-    """A smaller .npz (random train images, first val/test images) for quick end-to-end checks."""
-    import numpy as np
-
-    with np.load(data) as f:
-        arrays = {k: f[k] for k in f.files}
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.permutation(len(arrays["train_images"]))[:max_train])
-    small = {}
-    for split in ("train", "val", "test"):
-        if f"{split}_images" not in arrays:
-            continue
-        idx = keep if split == "train" else np.arange(min(max_eval, len(arrays[f"{split}_images"])))
-        small[f"{split}_images"], small[f"{split}_labels"] = arrays[f"{split}_images"][idx], arrays[f"{split}_labels"][idx]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **small)
-    return str(out)
-
-
-def _knn(ckpt: Path, data: str, encoder: str | None, out: Path) -> dict:
-    cmd = ["knn", "--checkpoint", str(ckpt), "--data", data, "--k", "20", "--out", str(out)]
-    if encoder:
-        cmd += ["--encoder", encoder]
-    t0 = time.perf_counter()
-    proc = _run(cmd)
-    if proc.returncode != 0:
-        return {"knn_error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    result = json.loads(out.read_text())
-    return {"knn_top1_k20": result["accuracy"]["20"]["top1"], "knn_wall_s": round(time.perf_counter() - t0, 1)}
-
-
-def _linprobe(ckpt: Path, data: str, encoder: str | None, out_dir: Path, fraction: float) -> dict:
-    """1 %-label MAE linear probe, the protocol of benchmarks/eval_bloodmnist.py (configs/linprobe/)."""
-    cmd = ["linprobe", "--checkpoint", str(ckpt), "--data", data]
-    if encoder:
-        cmd += ["--encoder", encoder]
-    config = REPO / "configs" / "linprobe" / "vit_tiny_p4_28.yaml"
-    if config.is_file():
-        cmd += ["--config", str(config)]
-    cmd += [f"data.label_fraction={fraction}", "data.val_split=null", "train.progress=false", "train.resume=false",
-            f"output_dir={out_dir}"]
-    t0 = time.perf_counter()
-    proc = _run(cmd)
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        if "invalid choice: 'linprobe'" in proc.stderr:
-            reason = "mimkit linprobe is not available in this version"
-        return {"linprobe_error": reason}
-    metrics = out_dir / "linprobe_metrics.json"
-    if metrics.is_file():
-        top1 = json.loads(metrics.read_text())["metrics"]["top1"]
-    else:  # older output layout: read the printed summary
-        match = re.findall(r"top-1\D*([0-9]+(?:\.[0-9]+)?)", proc.stdout)
-        if not match:
-            return {"linprobe_error": f"no top-1 in the output: {proc.stdout.strip()[-200:]}"}
-        top1 = float(match[-1])
-    return {"linprobe_top1": round(top1, 2), "linprobe_wall_s": round(time.perf_counter() - t0, 1)}
-
-
 def measure_speed(batch_size: int, steps: int, warmup: int, precision: str) -> dict:
     """Alternating MAE / DAMA train steps on one process; medians of wall time and CPU time per step."""
-    import statistics
-
-    import torch
-
-    import mimkit
-    from mimkit.engine.optim import build_adamw
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    torch.manual_seed(0)
-    runs = {}
-    for name in ("mae_vit_tiny_patch4", "dama_vit_tiny_patch4"):
-        model = mimkit.create_model(name, norm_pix_loss=True)
-        runs[name] = (model, build_adamw(model, 1e-4, 0.05, (0.9, 0.95)), {"wall": [], "cpu": []})
-    images = torch.randn(batch_size, 3, 28, 28)
-    for i in range(warmup + steps):
-        for name, (model, opt, times) in runs.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                loss = model(images, sample_seeds=torch.arange(batch_size) + i * batch_size).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= warmup:
-                times["wall"].append(time.perf_counter() - t0)
-                times["cpu"].append(time.process_time() - c0)
-    out = {"batch_size": batch_size, "precision": precision, "steps": steps, "threads": torch.get_num_threads()}
-    for name, (_, _, times) in runs.items():
-        wall, cpu = statistics.median(times["wall"]), statistics.median(times["cpu"])
-        out[name] = {"images_per_s": round(batch_size / wall, 1), "step_s_median": round(wall, 3),
-                     "cpu_s_per_step": round(cpu, 3)}
+    out = alternating_step_speed({"mae_vit_tiny_patch4": ("mae_vit_tiny_patch4", {"norm_pix_loss": True}),
+                                  "dama_vit_tiny_patch4": ("dama_vit_tiny_patch4", {"norm_pix_loss": True})},
+                                 batch_size, steps, warmup, precision)
     mae, dama = out["mae_vit_tiny_patch4"], out["dama_vit_tiny_patch4"]
     out["dama_over_mae_wall"] = round(dama["step_s_median"] / mae["step_s_median"], 2)
     out["dama_over_mae_cpu"] = round(dama["cpu_s_per_step"] / mae["cpu_s_per_step"], 2)

@@ -475,3 +475,44 @@ def simmim_mask(
     cols = torch.arange(cw * scale, device=cells.device) // scale
     cell_of_patch = (rows[:, None] * cw + cols[None, :]).reshape(-1)
     return cells[:, cell_of_patch]
+
+
+# --- DDMIM masks (mimkit/methods/ddmim.py; methods.md §3.3) ---------------------------------------
+# One Bernoulli draw per patch token of the first stage; each later masked stage takes the value of
+# the top-left fine token of its 2^s x 2^s block (nearest-neighbour subsampling), so the stages
+# hide the same image regions.
+
+
+def bernoulli_token_mask(
+    sample_seeds: torch.Tensor | None,
+    batch: int,
+    grid_size: tuple[int, int],
+    mask_prob: float,
+    *,
+    device: torch.device | str | None = None,
+    stream: int = 0,
+) -> torch.Tensor:
+    """[N, h * w] bool, True = masked: every token independently with probability ``mask_prob``.
+
+    The seed's ``dropout2d`` on a 3-D tensor did this (one value per token over all channels), so
+    the number of masked tokens varies per image. sample_seeds: [N] int64 or None (``torch.rand``).
+    """
+    if not 0.0 < mask_prob < 1.0:
+        raise ValueError(f"mask_prob must lie in (0, 1), got {mask_prob}")
+    if sample_seeds is not None and sample_seeds.shape != (batch,):
+        raise ValueError(f"sample_seeds must have shape [{batch}], got {list(sample_seeds.shape)}")
+    if device is None:
+        device = sample_seeds.device if sample_seeds is not None else "cpu"
+    h, w = grid_size
+    return uniform_noise(sample_seeds, batch, h * w, stream, device) < mask_prob
+
+
+def subsample_mask(mask: torch.Tensor, grid_size: tuple[int, int], factor: int) -> torch.Tensor:
+    """Nearest-neighbour subsample of a token mask: [N, h * w] -> [N, (h / f) * (w / f)].
+
+    Coarse token (i, j) takes fine token (i * f, j * f), the top-left one of its f x f block.
+    """
+    h, w = grid_size
+    if h % factor or w % factor:
+        raise ValueError(f"a {h}x{w} token grid does not subsample by {factor}")
+    return mask.reshape(mask.shape[0], h, w)[:, ::factor, ::factor].reshape(mask.shape[0], -1)

@@ -105,6 +105,12 @@ from mimkit.methods.simmim import PRESET_ARGS as _SIMMIM_PRESETS  # noqa: E402
 for _name, (_cls, _kwargs, _description) in _SIMMIM_PRESETS.items():
     PRESETS[_name] = Preset(_cls, _kwargs, _description)
 
+# --- DDMIM presets (mimkit/methods/ddmim.py; values and sources there) ---
+from mimkit.methods.ddmim import PRESET_ARGS as _DDMIM_PRESETS  # noqa: E402
+
+for _name, (_cls, _kwargs, _description) in _DDMIM_PRESETS.items():
+    PRESETS[_name] = Preset(_cls, _kwargs, _description)
+
 
 def model_arguments(name: str) -> dict[str, inspect.Parameter]:
     """Constructor parameters that ``create_model(name, ...)`` accepts as overrides."""

@@ -44,6 +44,7 @@ from mimkit.masking import (
     uniform_noise,
 )
 from mimkit.methods.base import StepOutput
+from mimkit.methods.ema import copy_into_teacher_, ema_update_, freeze_
 from mimkit.models.vit import MaskedViT
 
 _MASK_STREAM = 100  # sample_uniform stream of global crop q is _MASK_STREAM + q
@@ -287,13 +288,9 @@ class IBOT(nn.Module):
         self.student_head = IBOTHead(**head)
         self.teacher = MaskedViT(**vit)
         self.teacher_head = IBOTHead(**head)
-        # The teacher starts as a copy of the student and is never optimised.
-        self.teacher.load_state_dict(
-            {k: v for k, v in self.student.state_dict().items() if k != "masked_embed"}, strict=True
-        )
-        self.teacher_head.load_state_dict(self.student_head.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher_head.requires_grad_(False)
+        # The teacher starts as a copy of the student (no mask token) and is never optimised.
+        copy_into_teacher_(self.teacher_pairs())
+        freeze_((self.teacher, self.teacher_head))
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("patch_center", torch.zeros(1, out_dim if shared_head else patch_out_dim))
         self._progress = 0.0
@@ -350,15 +347,13 @@ class IBOT(nn.Module):
     def after_optimizer_step(self, progress: float) -> None:
         self.update_teacher(self.teacher_momentum(progress))
 
-    @torch.no_grad()
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, student) module pairs the EMA couples: encoders and heads."""
+        return [(self.teacher, self.student), (self.teacher_head, self.student_head)]
+
     def update_teacher(self, momentum: float) -> None:
         """EMA: θ_t <- m θ_t + (1 - m) θ_s for every teacher parameter (the student's namesake)."""
-        for teacher, student in ((self.teacher, self.student), (self.teacher_head, self.student_head)):
-            source = dict(student.named_parameters())
-            pairs = [(p, source[name]) for name, p in teacher.named_parameters()]
-            t_params = [t for t, _ in pairs]
-            torch._foreach_mul_(t_params, momentum)
-            torch._foreach_add_(t_params, [s.detach() for _, s in pairs], alpha=1.0 - momentum)
+        ema_update_(self.teacher_pairs(), momentum)
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
