@@ -88,12 +88,17 @@ class TrainConfig:
     """Optimisation and run mechanics (official MAE defaults where they exist)."""
 
     epochs: int = _key(400, "passes over the training split")
-    warmup_epochs: float = _key(40.0, "linear lr warmup length in epochs, then cosine decay to min_lr (clamped to a shorter run)")
+    warmup_epochs: float = _key(40.0, "linear lr warmup length in epochs, then train.lr_schedule (clamped to a shorter run)")
     batch_size: int = _key(64, "per process; effective batch = batch_size * accum_iter * world size")
     accum_iter: int = _key(1, "gradient accumulation steps per optimizer step")
     blr: float = _key(1.5e-4, "base lr; lr = blr * effective batch / 256")
     lr: Optional[float] = _key(None, "absolute lr; overrides blr when set")
     min_lr: float = _key(0.0, "lr at the end of the cosine decay")
+    lr_schedule: str = _key("cosine", "after warmup: cosine (half cycle to min_lr) or multistep (lr x lr_gamma at "
+                                      "each of lr_milestones; SimMIM, DDMIM)")
+    lr_milestones: list[float] = _key([], "multistep: epochs at which the lr is multiplied by lr_gamma, increasing, "
+                                          "none before the warmup ends or after train.epochs")
+    lr_gamma: float = _key(0.1, "multistep: lr factor at each milestone, in (0, 1]")
     weight_decay: float = _key(0.05, "decoupled weight decay (not applied to norms and biases)")
     weight_decay_end: Optional[float] = _key(None, "cosine schedule weight_decay -> this over the run (DINO/iBOT)")
     betas: list[float] = _key([0.9, 0.95], "AdamW betas, two numbers in [0, 1)")
@@ -167,6 +172,7 @@ class Config:
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig}
 _CHOICES = {
     ("train", "optimizer"): ("adamw", "lars", "sgd"),
+    ("train", "lr_schedule"): ("cosine", "multistep"),
     ("finetune", "init"): ("pretrained", "random"),
     ("linprobe", "init"): ("pretrained", "random"),
     ("linprobe", "protocol"): ("mae", "dino"),
@@ -334,6 +340,25 @@ def _check_model(resolved: dict[str, Any]) -> None:
         )
 
 
+def _check_lr_schedule(t: TrainConfig) -> None:
+    """Milestones only with multistep, increasing, after the warmup (as the official SimMIM scheduler
+    asserts) and within the run; the gamma in (0, 1]."""
+    m = t.lr_milestones
+    if t.lr_schedule == "cosine":
+        if m:
+            raise ConfigError(f"train.lr_milestones {m} only apply to train.lr_schedule=multistep: set "
+                              f"train.lr_schedule=multistep, or train.lr_milestones=[] for the cosine schedule.")
+        return
+    if any(b <= a for a, b in zip(m, m[1:])):
+        raise ConfigError(f"train.lr_milestones must be strictly increasing, got {m}: e.g. train.lr_milestones=[700].")
+    outside = [x for x in m if not (0 < x <= t.epochs and x >= t.warmup_epochs)]
+    if outside:
+        raise ConfigError(f"train.lr_milestones {outside} lie outside the run after warmup [{t.warmup_epochs:g}, "
+                          f"{t.epochs}] (train.warmup_epochs, train.epochs): choose epochs within it.")
+    if not (math.isfinite(t.lr_gamma) and 0 < t.lr_gamma <= 1):
+        raise ConfigError(f"train.lr_gamma must lie in (0, 1], got {t.lr_gamma}: e.g. train.lr_gamma=0.1.")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a type system cannot express (all before anything is written)."""
     _check_model(resolve_model_kwargs(**cfg.model))
@@ -345,6 +370,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.warmup_epochs must be 0 or more, got {t.warmup_epochs}: e.g. train.warmup_epochs=0.")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}.")
+    _check_lr_schedule(t)
     _check_crop_scale("data.crop_scale", cfg.data.crop_scale)
     _check_crop_scale("finetune.crop_scale", cfg.finetune.crop_scale)
     _check_stats(cfg.data)

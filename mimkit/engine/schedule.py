@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 
 
@@ -18,3 +19,11 @@ def warmup_cosine(epoch: float, lr: float, min_lr: float, warmup_epochs: float, 
         return lr
     progress = min(1.0, (epoch - warmup_epochs) / (epochs - warmup_epochs))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_multistep(epoch: float, lr: float, warmup_epochs: float, milestones: list[float], gamma: float) -> float:
+    """Linear warmup from 0 (as :func:`warmup_cosine`), then ``lr x gamma^k``, k = the number of milestones
+    <= ``epoch`` (SimMIM's multistep, DDMIM's StepLR); ``epoch`` is fractional (per iteration)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return lr * gamma ** bisect.bisect_right(milestones, epoch)

@@ -40,7 +40,7 @@ from mimkit.engine.run_log import RunLog, progress_bar
 from mimkit.engine.run_state import check_resumable, find_resume_point, rng_state, set_rng_state
 from mimkit.engine.sampling import SeededSampler, SeededTransformDataset, check_run_seed, generator_seed, init_seed
 from mimkit.engine.sampling import sample_seed
-from mimkit.engine.schedule import scaled_lr, warmup_cosine
+from mimkit.engine.schedule import scaled_lr, warmup_cosine, warmup_multistep
 from mimkit.engine.unreadable import UnreadableFiles
 from mimkit.errors import ConfigError
 from mimkit.registry import create_model, model_arguments, resolve_model_kwargs
@@ -332,7 +332,10 @@ class _Loop:
 
     def _set_schedule(self, progress: float) -> None:
         """lr (times each group's lr_scale) and weight decay at a fractional epoch."""
-        self.lr = warmup_cosine(progress, self.base_lr, self.t.min_lr, self.warmup, self.t.epochs)
+        if self.t.lr_schedule == "multistep":
+            self.lr = warmup_multistep(progress, self.base_lr, self.warmup, self.t.lr_milestones, self.t.lr_gamma)
+        else:
+            self.lr = warmup_cosine(progress, self.base_lr, self.t.min_lr, self.warmup, self.t.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
         wd = _weight_decay_at(self.t, progress)
