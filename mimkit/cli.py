@@ -39,8 +39,8 @@ from mimkit.methods.mae import MAE
 from mimkit.registry import PRESETS, create_model
 from mimkit.viz import check_figure_path
 from mimkit.viz.attention import draw_attention
-from mimkit.viz.masks import draw_dama_masks
-from mimkit.viz.reconstruction import draw_reconstructions
+from mimkit.viz.masks import draw_dama_masks, draw_pixel_masks
+from mimkit.viz.reconstruction import draw_reconstructions, reconstructs_pixels
 
 CONFIG_KEYS_HINT = ("List every config key with its type, default and meaning: mimkit config show --all; one "
                     "section: mimkit config show train; one key: mimkit config show train.epochs; a model preset's "
@@ -216,7 +216,7 @@ def cmd_visualize(args) -> int:
     _check_visualize_args(args)
     model, stats = _visualize_model(args)
     if args.what == "masks":
-        out = _visualize_dama_masks(args, model, stats)
+        out = _visualize_masks(args, model, stats)
     elif args.what in ("attention", "rollout"):
         out = _visualize_attention(args, model, stats)
     else:
@@ -225,21 +225,41 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def _mask_description(model) -> str:
+    """The masking of a figure's title: ratio (MAE, SimMIM, DAMA) or per-token probability (DDMIM)."""
+    if hasattr(model, "mask_prob"):
+        return f"mask probability {model.mask_prob}"
+    cells = f", {model.mask_patch_size}-px mask cells" if hasattr(model, "mask_patch_size") else ""
+    return f"mask ratio {model.mask_ratio}{cells}"
+
+
 def _visualize_reconstruction(args, model, stats) -> Path:
-    """``visualize --what reconstruction``: original, masked, reconstruction, reconstruction + visible (MAE)."""
-    if not isinstance(model, MAE):
-        raise CheckpointError(f"Checkpoint {args.checkpoint} has no MAE decoder, so it cannot reconstruct images: "
-                              f"pass an MAE checkpoint, or use --what attention.")
+    """``visualize --what reconstruction``: original, masked, reconstruction, reconstruction + visible
+    (MAE, or a pixel-space method such as SimMIM and DDMIM)."""
+    if not (isinstance(model, MAE) or reconstructs_pixels(model)):
+        raise CheckpointError(f"Checkpoint {args.checkpoint} has no pixel decoder, so it cannot reconstruct images: "
+                              f"the figure needs an MAE, SimMIM or DDMIM checkpoint (or use --what attention).")
     dataset, stats = _visualize_data(args, model, stats)
     return draw_reconstructions(model, dataset, stats["mean"], stats["std"], args.out, num_images=args.num_images,
-                                seed=args.seed, title=f"{Path(args.checkpoint).name}: mask ratio {model.mask_ratio}")
+                                seed=args.seed, title=f"{Path(args.checkpoint).name}: {_mask_description(model)}")
+
+
+def _visualize_masks(args, model, stats) -> Path:
+    """``visualize --what masks``: DAMA's two students' masks and student 1's error, or the image and
+    its mask for a pixel-space method (SimMIM, DDMIM)."""
+    if isinstance(model, DAMA):
+        return _visualize_dama_masks(args, model, stats)
+    if not reconstructs_pixels(model):
+        raise CheckpointError(f"Checkpoint {args.checkpoint} is not a DAMA, SimMIM or DDMIM model, so it has no mask "
+                              f"figure: pass such a checkpoint (an MAE's masks show in --what reconstruction), or "
+                              f"use --what attention for the AttMask masks.")
+    dataset, stats = _visualize_data(args, model, stats)
+    return draw_pixel_masks(model, dataset, stats["mean"], stats["std"], args.out, num_images=args.num_images,
+                            seed=args.seed, title=f"{Path(args.checkpoint).name}: {_mask_description(model)}")
 
 
 def _visualize_dama_masks(args, model, stats) -> Path:
-    """``visualize --what masks``: student 1's mask, its per-patch error and student 2's mask (DAMA)."""
-    if not isinstance(model, DAMA):
-        raise CheckpointError(f"Checkpoint {args.checkpoint} is not a DAMA model, so it has no adaptive masks: "
-                              f"pass a checkpoint trained with a dama_* preset.")
+    """``visualize --what masks`` on DAMA: student 1's mask, its per-patch error and student 2's mask."""
     dataset, stats = _visualize_data(args, model.student1, stats)
     title = (f"{Path(args.checkpoint).name}: DAMA student 2 mask = {model.student2_mask}, mask ratio "
              f"{model.mask_ratio}, overlap {model.mask_overlap_ratio}")
@@ -339,11 +359,13 @@ def _add_supervised(sub) -> None:
 
 
 def _add_visualize(sub) -> None:
-    p = sub.add_parser("visualize", help="figures from a checkpoint (reconstruction, DAMA masks, attention, rollout)")
+    p = sub.add_parser("visualize", help="figures from a checkpoint (reconstruction, masks, attention, rollout)")
     _add_checkpoint_args(p, "attention/rollout: which encoder (iBOT: teacher (default) or student)")
     p.add_argument("--what", default="reconstruction", choices=["reconstruction", "masks", "attention", "rollout"],
-                   help="reconstruction (MAE), masks (DAMA), attention / rollout ([CLS] attention or rollout of any "
-                        "ViT encoder, with the AttMask masks it gives)")
+                   help="reconstruction (MAE, SimMIM, DDMIM: original, masked, reconstruction, reconstruction + "
+                        "visible), masks (DAMA: both students' masks and student 1's error; SimMIM, DDMIM: the image "
+                        "and its mask), attention / rollout ([CLS] attention or rollout of any ViT encoder, with the "
+                        "AttMask masks it gives)")
     p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg ...)")
     p.add_argument("--split", default="test", help="split the images are drawn from (default test)")
     p.add_argument("--num-images", type=_positive_int, default=6, help="rows of the figure, at least 1 (default 6)")

@@ -275,7 +275,7 @@ ROWS = [
         "of frozen features, so use data with 3 channels, or mimkit finetune"),
     Row("visualize-reconstruction-without-decoder",
         "visualize --checkpoint {world}/vit_tiny.pt --model vit_tiny_patch4 --data {world}/good.npz --out {run}/f.png",
-        "has no MAE decoder, so it cannot reconstruct images: pass an MAE checkpoint"),
+        "has no pixel decoder, so it cannot reconstruct images: the figure needs an MAE, SimMIM or DDMIM checkpoint"),
     Row("disk-full-during-checkpoint", PRE + " output_dir={run}", "No disk space left in {run} to write", _disk_full),
 ]
 

@@ -316,7 +316,7 @@ def test_visualize_masks_rejects_a_mae_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mimkit", "visualize", "--what", "masks", "--checkpoint", str(path),
                            "--model", "mae_vit_tiny_patch4", "--data", "digits", "--out", str(tmp_path / "x.png"),
                            "--split", "test"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "not a DAMA model" in proc.stderr
+    assert proc.returncode == 2 and "is not a DAMA, SimMIM or DDMIM model, so it has no mask figure" in proc.stderr
 
 
 def test_seven_channel_16bit_tiff_folder_pretrains(tmp_path):

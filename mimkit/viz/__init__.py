@@ -1,4 +1,5 @@
-"""Figures: MAE reconstructions, DAMA masks, attention and rollout maps, all saved through save_figure."""
+"""Figures: reconstructions (MAE, SimMIM, DDMIM), masks (DAMA, SimMIM, DDMIM), attention and rollout maps,
+all saved through save_figure."""
 
 from __future__ import annotations
 

@@ -1,17 +1,22 @@
-"""The MAE four-panel figure: original, masked, reconstruction, reconstruction + visible.
+"""The four-panel reconstruction figure: original, masked, reconstruction, reconstruction + visible.
 
-Predictions of a norm-pix model are per-patch normalised; they are mapped back to image space
-with the mean and variance of each *original* patch (the only sensible de-normalisation, and
-what the official demo does implicitly for its un-normalised visualisation models). Then the
-dataset normalisation is undone for display.
+Two kinds of method fill it. MAE predicts patch tokens [N, L, p*p*C]; predictions of a norm-pix
+model are per-patch normalised and are mapped back to image space with the mean and variance of
+each *original* patch (the only sensible de-normalisation, and what the official demo does
+implicitly for its un-normalised visualisation models). Pixel-space methods (SimMIM, DDMIM: see
+:func:`reconstructs_pixels`) predict the dataset-normalised image [N, C, H, W] directly. Both
+give the same panel dict, which :func:`save_reconstruction_figure` draws after undoing the
+dataset normalisation.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from mimkit.data import build_transform
 from mimkit.methods.mae import MAE
@@ -19,9 +24,23 @@ from mimkit.models.patches import patchify, unpatchify
 from mimkit.viz import save_figure
 
 
+def _panels(images: torch.Tensor, recon: torch.Tensor, pixel_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """images, recon [N, C, H, W] (normalised), pixel_mask [N, C, H, W] (1 = masked) -> the figure's panels.
+
+    "masked" is 0 (the dataset mean) on masked pixels; the figure paints them grey.
+    """
+    return {
+        "original": images,
+        "masked": images * (1 - pixel_mask),
+        "reconstruction": recon,
+        "reconstruction + visible": images * (1 - pixel_mask) + recon * pixel_mask,
+        "mask": pixel_mask,
+    }
+
+
 @torch.no_grad()
 def reconstruction_panels(model: MAE, images: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """images [N, C, H, W] (dataset-normalised) -> four [N, C, H, W] tensors in the same normalised space."""
+    """MAE: images [N, C, H, W] (dataset-normalised) -> four [N, C, H, W] tensors in the same normalised space."""
     model.eval()
     rec = model.reconstruct(images, noise=noise)
     pred = rec.pred.float()
@@ -35,13 +54,37 @@ def reconstruction_panels(model: MAE, images: torch.Tensor, noise: torch.Tensor 
         rec.mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans),
         model.patch_size, model.grid_size, model.in_chans,
     )
-    return {
-        "original": images,
-        "masked": images * (1 - pixel_mask),
-        "reconstruction": recon,
-        "reconstruction + visible": images * (1 - pixel_mask) + recon * pixel_mask,
-        "mask": pixel_mask,
-    }
+    return _panels(images, recon, pixel_mask)
+
+
+def reconstructs_pixels(model: nn.Module) -> bool:
+    """Whether ``model`` reconstructs in pixel space as SimMIM and DDMIM do.
+
+    That is ``draw_mask(images, sample_seeds)`` and ``reconstruct(images, *, mask, sample_seeds)``
+    returning ``pred`` [N, C, H, W] and ``pixel_mask`` [N, 1, H, W]. Checked on the signatures, not
+    the class, so a new method with this interface draws without a change here; MAE's
+    ``draw_mask(batch_size, ...)`` and ``reconstruct(images, *, noise, ...)`` do not match.
+    """
+    reconstruct, draw = getattr(model, "reconstruct", None), getattr(model, "draw_mask", None)
+    if not (callable(reconstruct) and callable(draw)):
+        return False
+    draw_args = list(inspect.signature(draw).parameters)
+    return {"mask", "sample_seeds"} <= inspect.signature(reconstruct).parameters.keys() and draw_args[:1] == ["images"]
+
+
+@torch.no_grad()
+def pixel_reconstruction_panels(model: nn.Module, images: torch.Tensor,
+                                sample_seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pixel-space methods (:func:`reconstructs_pixels`): images [N, C, H, W] (dataset-normalised),
+    sample_seeds [N] (the masks) -> the panels of :func:`_panels`, [N, C, H, W] each."""
+    model.eval()
+    rec = model.reconstruct(images, sample_seeds=sample_seeds)
+    return _panels(images, rec.pred.float(), rec.pixel_mask.float().expand_as(images))
+
+
+def figure_seeds(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """[N] per-image mask seeds of a figure: image index and --seed (a new --seed, new masks)."""
+    return idx + seed * 1_000_003
 
 
 def pick_images(dataset, num_images: int, generator: torch.Generator, log=print) -> torch.Tensor:
@@ -98,14 +141,27 @@ def save_reconstruction_figure(
     return save_figure(fig, path)
 
 
+def load_images(dataset, img_size: int, mean: Sequence[float], std: Sequence[float], num_images: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx [N], images [N, C, img_size, img_size]): seeded picks of an ImageDataset, eval-transformed."""
+    transform = build_transform("eval", img_size, mean, std)
+    idx = pick_images(dataset, num_images, generator)
+    return idx, torch.stack([transform(dataset[i][0]) for i in idx.tolist()])
+
+
 def draw_reconstructions(
-    model: MAE, dataset, mean: Sequence[float], std: Sequence[float], path: str | Path,
+    model: nn.Module, dataset, mean: Sequence[float], std: Sequence[float], path: str | Path,
     *, num_images: int = 6, seed: int = 2, title: str = "",
 ) -> Path:
-    """Pick ``num_images`` images of an ImageDataset (seeded), mask them at random and write the figure."""
-    transform = build_transform("eval", model.img_size, mean, std)
+    """Pick ``num_images`` images of an ImageDataset (seeded), mask them at random and write the figure.
+
+    ``model``: an MAE (masks from the same generator as the picks) or a pixel-space method
+    (:func:`reconstructs_pixels`; masks seeded per image by :func:`figure_seeds`).
+    """
     g = torch.Generator().manual_seed(seed)
-    idx = pick_images(dataset, num_images, g).tolist()
-    images = torch.stack([transform(dataset[i][0]) for i in idx])
-    noise = torch.rand(images.shape[0], model.num_patches, generator=g)
-    return save_reconstruction_figure(reconstruction_panels(model, images, noise), mean, std, path, title)
+    idx, images = load_images(dataset, model.img_size, mean, std, num_images, g)
+    if isinstance(model, MAE):
+        panels = reconstruction_panels(model, images, torch.rand(images.shape[0], model.num_patches, generator=g))
+    else:
+        panels = pixel_reconstruction_panels(model, images, figure_seeds(idx, seed))
+    return save_reconstruction_figure(panels, mean, std, path, title)
