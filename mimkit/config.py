@@ -126,7 +126,9 @@ class FinetuneConfig:
     img_size: Optional[int] = _key(None, "fine-tune at another size (position table interpolated); null = checkpoint's")
     drop_path: float = _key(0.1, "stochastic depth rate of the last block (linear over blocks), in [0, 1)")
     layer_decay: float = _key(0.75, "lr multiplier per block from the top, in (0, 1]")
-    head_init_std: float = _key(2e-5, "std of the new classifier head's initial weights")
+    head_init_std: float = _key(2e-5, "std of the new classifier head's initial weights (its last Linear)")
+    head: str = _key("linear", "head on the pooled features: linear, or mlp (DDMIM: BN -> Linear -> GELU -> Linear)")
+    head_hidden_dim: int = _key(1024, "hidden width of the mlp head")
     smoothing: float = _key(0.1, "label smoothing, in [0, 1)")
     mixup: float = _key(0.0, "mixup alpha (MAE ImageNet: 0.8); 0 with cutmix 0 = off")
     cutmix: float = _key(0.0, "cutmix alpha (MAE ImageNet: 1.0)")
@@ -174,6 +176,7 @@ _CHOICES = {
     ("train", "optimizer"): ("adamw", "lars", "sgd"),
     ("train", "lr_schedule"): ("cosine", "multistep"),
     ("finetune", "init"): ("pretrained", "random"),
+    ("finetune", "head"): ("linear", "mlp"),
     ("linprobe", "init"): ("pretrained", "random"),
     ("linprobe", "protocol"): ("mae", "dino"),
     ("linprobe", "pool"): ("auto", "cls", "mean"),
@@ -382,6 +385,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.labels_per_class must be at least 1, got {d.labels_per_class}.")
     for key, interval in _RANGES.items():
         _check_range(cfg, key, interval)
+    if cfg.finetune.head_hidden_dim < 1:
+        raise ConfigError(f"finetune.head_hidden_dim must be at least 1, got {cfg.finetune.head_hidden_dim}.")
     if cfg.linprobe.n_last_blocks < 1:
         raise ConfigError(f"linprobe.n_last_blocks must be at least 1, got {cfg.linprobe.n_last_blocks}.")
     return cfg

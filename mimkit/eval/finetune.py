@@ -2,8 +2,10 @@
 
     mimkit finetune --checkpoint runs/mae/last.pt --data bloodmnist.npz train.epochs=20
 
-The model is the classifier of the checkpoint encoder's family (pooled features + linear head;
+The model is the classifier of the checkpoint encoder's family (pooled features + a head;
 ``mimkit.models.families``), e.g. the ViT classifier of ``mimkit.models.classifier``.
+``finetune.head=mlp`` swaps the linear head for DDMIM's (methods.md §3.6: BatchNorm1d -> Linear(D,
+``finetune.head_hidden_dim``) -> GELU -> Linear); the checkpoint records it, so ``--eval`` rebuilds it.
 The validation and test splits are read and checked before the first step (a corrupt test image
 fails at once, not after training) and reused for scoring.
 Recipe pieces all come from timm: layer-decay parameter groups, Mixup/CutMix,
@@ -135,7 +137,8 @@ def _build_mixup(f_cfg, num_classes: int):
 
 def _classifier_config(source: nn.Module, f_cfg, train) -> dict[str, Any]:
     """The classifier's constructor arguments: the encoder's architecture on this data's channels,
-    at ``finetune.img_size`` when given, plus the fine-tuning options its family's class takes."""
+    at ``finetune.img_size`` when given, plus the fine-tuning options its family's class takes
+    (the checkpoint's ``model_config``, from which evaluation rebuilds the same classifier)."""
     kwargs = {**source.architecture(), "in_chans": train.num_channels}
     if f_cfg.img_size is not None:
         if f_cfg.img_size % source.output_stride:
@@ -146,6 +149,8 @@ def _classifier_config(source: nn.Module, f_cfg, train) -> dict[str, Any]:
         require_cls_token(source, "finetune.global_pool=false")
     options = {"num_classes": train.num_classes, "global_pool": f_cfg.global_pool, "head_init_std": f_cfg.head_init_std,
                "layer_decay": f_cfg.layer_decay, "drop_path_rate": f_cfg.drop_path}
+    if f_cfg.head != "linear":  # the default stays unrecorded: runs from before the option still resume
+        options.update(head=f_cfg.head, head_hidden_dim=f_cfg.head_hidden_dim)
     params = inspect.signature(classifier_class(source.family)).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     return {"name": f"{source.family}_classifier", "family": source.family, **kwargs,
@@ -173,6 +178,8 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     model.to(device)
     if (f_cfg.mixup > 0 or f_cfg.cutmix > 0) and cfg.train.batch_size % 2:
         raise ConfigError("Mixup/CutMix need an even train.batch_size.")
+    if f_cfg.head == "mlp" and cfg.train.batch_size < 2:  # BatchNorm cannot normalise a batch of one
+        raise ConfigError("finetune.head=mlp starts with a BatchNorm, which needs train.batch_size of at least 2.")
     if f_cfg.randaug and train.num_channels not in (1, 3) and log:
         log(f"RandAugment skipped: it works on 1- or 3-channel images, these have {train.num_channels}")
     img_size = model_config["img_size"]
@@ -195,7 +202,7 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
         evaluate = evaluate_val
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     description = (f"{source.family} ({n_params:.1f}M params, {'global pool' if f_cfg.global_pool else '[CLS]'}, "
-                   f"layer decay {f_cfg.layer_decay}, init {f_cfg.init}) on {cfg.data.path} [{len(train)} "
+                   f"{f_cfg.head} head, layer decay {f_cfg.layer_decay}, init {f_cfg.init}) on {cfg.data.path} [{len(train)} "
                    f"labelled images, {train.num_classes} classes]")
     setup = TrainingSetup(model, train, transform, model_config, stats, "finetune", description, evaluate,
                           extra={"source_checkpoint": str(checkpoint)})

@@ -26,7 +26,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
 from mimkit.errors import ConfigError
-from mimkit.models.classifier import ViTClassifier
+from mimkit.models.classifier import SupervisedClassifier
 from mimkit.models.encoder import EncoderOutput, require_cls_token, require_global_attention
 
 # Non-persistent buffers in timm 1.x that older timm / the Microsoft code saved: each model builds
@@ -344,51 +344,41 @@ def _from_original_layout(state: dict[str, torch.Tensor], log: Callable[[str], N
     return {rename(k): v for k, v in state.items()}
 
 
-class SwinClassifier(SwinEncoder):
-    """Pretrained Swin + mean of the last stage's tokens after the final norm + linear ``head.fc``.
+class SwinClassifier(SupervisedClassifier, SwinEncoder):
+    """Pretrained Swin + mean of the last stage's tokens after the final norm + a head.
 
-    Names are timm's (``head.fc`` as timm's Swin head), so a fine-tuned state dict loads strictly into
-    ``timm.create_model(<same swin>, num_classes=num_classes)``. ``forward`` is a supervised step.
+    The linear head is ``head.fc`` as timm's Swin head, so a fine-tuned state dict loads strictly into
+    ``timm.create_model(<same swin>, num_classes=num_classes)``; ``head="mlp"`` is DDMIM's head
+    (:class:`~mimkit.models.classifier.MLPHead`). ``forward`` is a supervised step.
 
     Args:
-        num_classes: number of classes of the linear head.
+        num_classes: number of classes of the head.
         layer_decay: layer-wise lr decay: block k gets decay^(depth + 1 - layer(k)) (timm groups).
-        head_init_std: std of the truncated-normal head weights (the bias starts at zero).
+        head_init_std: std of the truncated-normal weights of the head's last Linear (biases start at zero).
         drop_path_rate: stochastic depth while fine-tuning (0.1: timm's Swin default).
+        head: linear (``head.fc``) or mlp (``head.norm``, ``head.fc1``, ``head.fc2``).
+        head_hidden_dim: hidden width of the mlp head.
         img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio, version: the
             encoder's architecture (see SwinEncoder).
     """
 
-    uses_labels = True  # the engine passes labels to forward
+    linear_head_in_holder = True  # timm's ClassifierHead names it head.fc
+    head_trunc_normal = staticmethod(trunc_normal_)
 
     def __init__(self, num_classes: int, layer_decay: float = 0.75, head_init_std: float = 2e-5,
                  drop_path_rate: float = 0.1, img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, mlp_ratio: float = 4.0, version: int = 1) -> None:
+                 window_size: int = 7, mlp_ratio: float = 4.0, version: int = 1, head: str = "linear",
+                 head_hidden_dim: int = 1024) -> None:
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depths=depths, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
                          drop_path_rate=drop_path_rate, use_mask_token=False, version=version)
-        self.num_classes, self.layer_decay = num_classes, layer_decay
-        self.head = nn.Module()  # a holder, so the Linear is named head.fc like timm's ClassifierHead
-        self.head.fc = nn.Linear(self.feature_dim, num_classes)
-        trunc_normal_(self.head.fc.weight, std=head_init_std)
-        nn.init.zeros_(self.head.fc.bias)
-        self.mixup_fn: Callable | None = None
-        self.criterion: nn.Module = nn.CrossEntropyLoss()
-
-    # The supervised step, mixup seeding and layer-decay groups only use self.logits / mixup_fn /
-    # criterion / layer_decay / no_weight_decay, so the ViT classifier's are shared, not copied.
-    configure_training = ViTClassifier.configure_training
-    forward = ViTClassifier.forward
-    optimizer_param_groups = ViTClassifier.optimizer_param_groups
+        self.init_classifier(num_classes, self.feature_dim, head=head, head_hidden_dim=head_hidden_dim,
+                             head_init_std=head_init_std, layer_decay=layer_decay)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> mean last-stage token after the final norm [N, feature_dim] (timm's avg pool)."""
         return self.encode(images).tokens.mean(dim=1)
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, num_classes]."""
-        return self.head.fc(self.features(images))
 
 
 # -- presets: {name: (SwinEncoder kwargs, description)} -------------------------------------------
