@@ -221,3 +221,29 @@ def test_ddmim_pretrains_and_its_encoder_runs_knn_and_the_reconstruction_figure(
     assert json.loads(knn.read_text())["pool"] == "mean"
     assert main(["knn", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--k", "5", "--encoder",
                  "teacher", "--out", str(tmp_path / "knn_t.json")]) == 0
+
+
+def test_ddmim_configs_are_valid_and_the_seed_code_config_differs_only_by_the_switches():
+    import yaml
+
+    from mimkit.config import from_dict
+    from mimkit.methods.ddmim import PRESET_ARGS
+    from tests.conftest import REPO
+
+    import inspect
+
+    raw = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs" / "ddmim").glob("*.yaml"))}
+    assert set(raw) == {"swin_tiny_28.yaml", "swinv2_tiny_224.yaml", "swinv2_tiny_224_seed_code.yaml"}
+    for name, cfg in raw.items():
+        cls, _, _ = PRESET_ARGS[cfg["model"]["name"]]
+        assert set(cfg["model"]) - {"name"} <= set(inspect.signature(cls.__init__).parameters), name
+        from_dict({k: v for k, v in cfg.items() if k != "model"})  # data / train keys and ranges
+    seed, intended = raw["swinv2_tiny_224_seed_code.yaml"], raw["swinv2_tiny_224.yaml"]
+    switches = {"contrastive_self_in_denominator", "teacher_shares_student_modules",
+                "reconstruction_mean_over_all_pixels"}
+    assert {k: v for k, v in seed["model"].items() if k not in switches} == intended["model"]
+    assert all(seed["model"][k] is True for k in switches) and seed["train"] == intended["train"]
+    # The seed's optimiser: AdamW lr 5e-3 absolute at batch 52, StepLR(20, 0.1), wd 1e-4, no warmup.
+    t = from_dict({"train": intended["train"]}).train
+    assert (t.lr, t.batch_size, t.lr_schedule, t.lr_milestones, t.lr_gamma, t.weight_decay, t.warmup_epochs) == (
+        5e-3, 52, "multistep", [20, 40], 0.1, 1e-4, 0)
