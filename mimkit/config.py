@@ -124,6 +124,8 @@ class FinetuneConfig:
     encoder: Optional[str] = _key(None, "which encoder of the checkpoint (DAMA: student1/student2; iBOT: teacher)")
     global_pool: bool = _key(True, "mean of patch tokens + new fc_norm (MAE default); false = [CLS] after norm")
     img_size: Optional[int] = _key(None, "fine-tune at another size (position table interpolated); null = checkpoint's")
+    window_size: Optional[int] = _key(None, "windowed encoders (Swin): attention window while fine-tuning (relative "
+                                            "position bias tables resampled); null = checkpoint's")
     drop_path: float = _key(0.1, "stochastic depth rate of the last block (linear over blocks), in [0, 1)")
     layer_decay: float = _key(0.75, "lr multiplier per block from the top, in (0, 1]")
     head_init_std: float = _key(2e-5, "std of the new classifier head's initial weights (its last Linear)")
@@ -387,6 +389,8 @@ def validate(cfg: Config) -> Config:
         _check_range(cfg, key, interval)
     if cfg.finetune.head_hidden_dim < 1:
         raise ConfigError(f"finetune.head_hidden_dim must be at least 1, got {cfg.finetune.head_hidden_dim}.")
+    if cfg.finetune.window_size is not None and cfg.finetune.window_size < 1:
+        raise ConfigError(f"finetune.window_size must be at least 1, got {cfg.finetune.window_size}.")
     if cfg.linprobe.n_last_blocks < 1:
         raise ConfigError(f"linprobe.n_last_blocks must be at least 1, got {cfg.linprobe.n_last_blocks}.")
     return cfg

@@ -101,6 +101,28 @@ def test_finetune_on_swin_transfers_every_stage_and_gives_a_timm_swin(world, tmp
     assert (tmp_path / "finetune_metrics.json").is_file()
 
 
+def test_finetune_on_swin_at_another_size_and_window_resamples_the_bias_tables(world, tmp_path, capsys):
+    """28 px / window 7 -> 56 px / window 14 (as SimMIM's 192 px / 6 -> 224 px / 7): bias tables 13x13 -> 27x27,
+    timm's resize_rel_pos_bias_table of the pretrained table; a window that does not tile is one sentence."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    root, model = world
+    args = ["finetune", "--checkpoint", str(root / "swin.pt"), "--data", str(root / "tiny.npz"),
+            "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16", "train.lr=0", "train.min_lr=0",
+            "train.progress=false", "finetune.img_size=56"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}", "finetune.window_size=14"]) == 0
+    assert "relative position bias tables resampled" in capsys.readouterr().out
+    ckpt = load_file(tmp_path / "a" / "last.pt")
+    assert (ckpt["model_config"]["img_size"], ckpt["model_config"]["window_size"]) == (56, 14)
+    key = "layers.1.blocks.0.attn.relative_position_bias_table"
+    expected = resize_rel_pos_bias_table(model.state_dict()[key], new_window_size=(14, 14), new_bias_shape=(27 ** 2, 2))
+    assert torch.equal(ckpt["model"][key], expected)
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "finetune.img_size=32"]) == 2  # 16x16 grid, window 7
+    err = capsys.readouterr().err
+    assert "window_size 7 does not divide" in err and "finetune.window_size" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
 def test_attention_figures_on_swin_say_what_is_missing(world, capsys, tmp_path):
     root, _ = world
     code = main(["visualize", "--what", "attention", "--checkpoint", str(root / "swin.pt"), "--data",

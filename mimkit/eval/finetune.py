@@ -145,6 +145,11 @@ def _classifier_config(source: nn.Module, f_cfg, train) -> dict[str, Any]:
             raise ConfigError(f"finetune.img_size {f_cfg.img_size} is not a multiple of the encoder's stride "
                               f"{source.output_stride}: choose a multiple of {source.output_stride}.")
         kwargs["img_size"] = f_cfg.img_size
+    if f_cfg.window_size is not None:
+        if "window_size" not in kwargs:
+            raise ConfigError(f"finetune.window_size applies to windowed encoders (Swin); this {source.family} "
+                              f"encoder attends globally, so leave it out.")
+        kwargs["window_size"] = f_cfg.window_size
     if not f_cfg.global_pool:
         require_cls_token(source, "finetune.global_pool=false")
     options = {"num_classes": train.num_classes, "global_pool": f_cfg.global_pool, "head_init_std": f_cfg.head_init_std,
@@ -169,7 +174,10 @@ def finetune_setup(cfg, di, device, checkpoint: str, model_name: str | None = No
     stats = stats_for(train, recorded)
     model_config = _classifier_config(source, f_cfg, train)
     torch.manual_seed(cfg.train.seed)
-    model = classifier_class(source.family)(**{k: v for k, v in model_config.items() if k not in ("name", "family")})
+    try:
+        model = classifier_class(source.family)(**{k: v for k, v in model_config.items() if k not in ("name", "family")})
+    except ValueError as e:  # a geometry the family cannot build (e.g. a window that does not tile the image)
+        raise ConfigError(f"{str(e).rstrip('.')} (set finetune.img_size / finetune.window_size).") from None
     if f_cfg.init == "pretrained":
         transfer_encoder_weights(source, model, log=log or (lambda *_: None))
     elif log:
