@@ -301,10 +301,11 @@ def cmd_config_show(args) -> int:
 def _add_checkpoint_args(p: argparse.ArgumentParser,
                          encoder_help: str = "which encoder of the checkpoint (e.g. student1, teacher)") -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="mimkit checkpoint, or official MAE / timm ViT / DAMA / iBOT-DINO weights (format detected)")
+                   help="mimkit checkpoint, or official MAE / timm ViT or Swin / DAMA / iBOT-DINO / SimMIM Swin "
+                        "weights (format detected)")
     p.add_argument("--data", required=True, help="image folder, MedMNIST .npz, medmnist:NAME[@SIZE] or digits")
     p.add_argument("--model", default=None,
-                   help="preset name for checkpoints not written by mimkit (default: ViT size read off the weights)")
+                   help="preset name for checkpoints not written by mimkit (default: ViT or Swin size read off the weights)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read old pickled checkpoints (can run code from the file: only for trusted files)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
